@@ -1,0 +1,46 @@
+"""The loss functions of SimCroP that are not operators (those live in simcrop.ops)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from simcrop.ops.reference import l2_normalize
+
+
+def sentence_infonce(s: torch.Tensor, a: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
+    """L_align's contrastive part: two-way InfoNCE between the sentences of each CT and their pooled patches.
+
+    s [B, M, D] sentence embeddings, a [B, M, D] pooled selected patches, valid [B, M] bool.
+    logits[b, j, k] = cos(s_bj, a_bk) / tau over the valid k of the SAME CT (other sentences are the negatives);
+    L = mean_j CE(logits[b, j, :], j) + mean_j CE(logits[b, :, j], j), means over every valid sentence of the
+    batch; padding sentences are neither anchors nor negatives. Returns a float32 scalar (0 when none is valid).
+    """
+    logits = torch.einsum("bmd,bkd->bmk", l2_normalize(s.float()), l2_normalize(a.float())) / tau  # [B, M, M]
+    pair_ok = valid[:, :, None] & valid[:, None, :]  # [B, M, M]
+    logits = logits.masked_fill(~pair_ok, -1e4)  # finite: exp(-1e4 - max) == 0, and no NaN in masked rows
+    diag = torch.diagonal(logits, dim1=1, dim2=2)  # [B, M] positives
+    row_lse = torch.logsumexp(logits, dim=2)  # sentence -> patches
+    col_lse = torch.logsumexp(logits, dim=1)  # patches -> sentence
+    zero = torch.zeros_like(diag)
+    ce_s2a = torch.where(valid, row_lse - diag, zero)
+    ce_a2s = torch.where(valid, col_lse - diag, zero)
+    n = valid.sum().clamp_min(1)
+    return (ce_s2a.sum() + ce_a2s.sum()) / n
+
+
+def mlm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] (-100 = ignore) -> mean CE over the counted positions (float32)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def select_label_positions(labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-size gather of the positions that carry a label, so the vocabulary projection runs only there.
+
+    labels [B, L] (-100 = none) -> positions [B, count], targets [B, count] (-100 where fewer than count labels).
+    Shapes do not depend on the data (compile-friendly); `count` must be at least the most labels a sample can
+    carry (the model derives it from mlm_ratio and report_max_len), or the surplus positions are dropped.
+    """
+    has = labels != -100  # [B, L]
+    order = torch.argsort((~has).to(torch.int8), dim=1, stable=True)[:, :count]  # labelled positions first
+    targets = torch.gather(labels, 1, order)  # [B, count]
+    return order, targets
