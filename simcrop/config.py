@@ -98,6 +98,9 @@ class TrainConfig:
     ckpt_every: int = 100  # steps between checkpoints (a final one is always written)
     resume: str = ""  # '' | a checkpoint directory | 'auto' (the newest in --out)
     stop_after: int = 0  # end this run after so many steps (checkpointed) although the schedule spans `steps`
+    max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
+    grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory, ~30% slower)
+    fsdp: bool = False  # shard with FSDP2 (fully_shard) instead of DDP under torchrun
     progress: bool = True  # progress bar
 
 
@@ -268,6 +271,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     if t.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"amp must be auto, bf16 or off, got {t.amp!r}")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if t.stop_after < 0:
         raise ConfigError(f"stop_after must be >= 0, got {t.stop_after}")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:

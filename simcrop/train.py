@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,11 +23,22 @@ from simcrop.checkpoint import CheckpointError, latest_checkpoint, load_checkpoi
 from simcrop.config import Config, ConfigError, add_config_arguments, config_from_args
 from simcrop.data.ctrate import DataError, dataset_dir, read_split
 from simcrop.data.pretrain import PretrainDataset, ResumableBatches, SampleSpec
+from simcrop.distributed import (
+    all_reduce_sum,
+    any_rank,
+    full_model_state,
+    full_optimizer_state,
+    init_distributed,
+    load_full_state,
+    rank0_first,
+    shutdown,
+    wrap_model,
+)
 from simcrop.ops.backend import BackendUnavailable, describe
 
 METRIC_FIELDS = ("step", "lr", "loss", "mim", "align", "mlm", "grad_norm", "volumes_per_s", "elapsed_s")
-# trainable-config fields a resumed run must share with its checkpoint (the rest may change, e.g. steps)
-_RESUME_MUST_MATCH = ("model",)
+# a resumed run must share its checkpoint's model settings (training settings such as steps may change)
+_RESUME_MAY_CHANGE = ("kernels",)
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -148,14 +160,14 @@ def build_model(cfg: Config, text) -> torch.nn.Module:
 
 
 def check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
-    now = cfg.to_dict()
-    for group in _RESUME_MUST_MATCH:
-        diff = [k for k in now[group] if json.dumps(saved.get(group, {}).get(k), default=list) != json.dumps(now[group][k], default=list)]
-        if diff:
-            raise CheckpointError(
-                f"{path}: checkpoint was trained with other model settings ({', '.join(diff[:6])}); "
-                f"pass the same preset/overrides or start a new --out"
-            )
+    now, before = cfg.to_dict()["model"], saved.get("model", {})
+    diff = [k for k in now if k not in _RESUME_MAY_CHANGE
+            and json.dumps(before.get(k), default=list) != json.dumps(now[k], default=list)]
+    if diff:
+        raise CheckpointError(
+            f"{path}: checkpoint was trained with other model settings ({', '.join(diff[:6])}); "
+            f"pass the same preset/overrides or start a new --out"
+        )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -211,29 +223,83 @@ def plot_losses(metrics_csv: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
+class StopRequested:
+    """SIGTERM / SIGINT set a flag; the loop finishes the step, writes a checkpoint and exits 0."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps, out of memory); the message says what to change."""
+
+
+def oom_message(cfg: Config, device: torch.device) -> str:
+    t, d = cfg.train, cfg.data
+    return (
+        f"out of memory on {device} with preset {t.preset}, batch size {d.batch_size} per device, "
+        f"img_size {cfg.model.img_size}: try --grad-checkpointing, a smaller --batch-size with a larger "
+        f"--accum-steps (same global batch), --amp bf16 on GPU, or --fsdp under torchrun"
+    )
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 class Trainer:
-    """Owns model, optimizer, data stream and the step function; `run()` trains to cfg.train.steps."""
+    """Owns model, optimizer, data stream and the step function; `run()` trains to cfg.train.steps.
+
+    Data-parallel under torchrun: every rank draws its slice of the same global batch; the loss terms are
+    re-weighted by global counts (hidden patches, valid sentences, labelled tokens) so that the gradient equals
+    that of one process holding the whole global batch. Rank 0 alone logs and writes.
+    """
 
     def __init__(self, cfg: Config, log=print):
-        self.cfg, self.log = cfg, log
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.cfg = cfg
+        self.dist, dist_device = init_distributed(t.device)
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.device = dist_device or resolve_device(t.device)
         self.out = Path(t.out)
         self.resume_from = self._find_resume()
         seed_everything(t.seed)
-        self.root = data_root(cfg)
-        self.text = build_text_encoder(cfg, self.root).to(self.device)
+        with rank0_first(self.dist):  # synthetic data and tiny-bert caches are built once
+            self.root = data_root(cfg)
+            self.text = build_text_encoder(cfg, self.root).to(self.device)
         self.dataset = build_data(cfg, self.text.tokenizer, self.root)
         self.model = build_model(cfg, self.text).to(self.device)
+        self.model.set_grad_checkpointing(t.grad_checkpointing)
+        self.wrapped = wrap_model(self.model, self.dist, self.device, t.fsdp)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=False
         )
         self.kernels = describe(cfg.model.kernels, self.device)
-        self.step = 0
+        self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.features = TextFeatures(self.text)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.amp = amp_dtype(cfg, self.device)
 
     def _find_resume(self) -> Path | None:
@@ -258,24 +324,36 @@ class Trainer:
     def _load(self, path: Path) -> None:
         model_state, state, saved_cfg = load_checkpoint(path, map_location="cpu")
         check_resume_config(saved_cfg, self.cfg, path)
-        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
-        if missing or unexpected:
+        expected = set(self.model.state_dict())
+        if set(model_state) != expected:
+            missing, unexpected = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
             raise CheckpointError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            load_full_state(self.wrapped, self.optimizer, model_state, state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot restore the training state ({str(exc).splitlines()[0]})") from exc
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.log(f"resumed from {path} at step {self.step}")
 
-    def save(self) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "rng": rng_state(), "step": self.step,
-                 "text_encoder": self.text.name}
+    def save(self) -> Path | None:
+        """Write a checkpoint (collective under FSDP: every rank calls it; rank 0 writes)."""
+        model_state = full_model_state(self.wrapped)
+        optim_state = full_optimizer_state(self.wrapped, self.optimizer)
+        if not self.dist.is_main:
+            return None
+        state = {"optimizer": optim_state, "rng": rng_state(), "step": self.step,
+                 "skipped_steps": self.skipped_steps, "text_encoder": self.text.name}
         cfg = self.cfg.to_dict()
         cfg["text_encoder_id"] = self.text.name
-        return save_checkpoint(self.out, self.step, self.model.state_dict(), state, cfg)
+        cfg["world_size"] = self.dist.world_size
+        return save_checkpoint(self.out, self.step, model_state, state, cfg)
 
     def batches(self):
         t, d = self.cfg.train, self.cfg.data
-        sampler = ResumableBatches(len(self.dataset), d.batch_size, t.seed, start_batch=self.step * t.accum_steps)
+        sampler = ResumableBatches(len(self.dataset), d.batch_size, t.seed, start_batch=self.step * t.accum_steps,
+                                   rank=self.dist.rank, world_size=self.dist.world_size)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=d.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=d.num_workers > 0,
@@ -283,76 +361,124 @@ class Trainer:
         )
         return iter(loader)
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over accum_steps micro-batches; returns the mean loss terms and the grad norm."""
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns the [3] global-mean terms (detached, float64)."""
         t = self.cfg.train
-        self.model.train()
+        counts = self.model.term_counts(batch)  # [3] local hidden patches, sentences, tokens
+        global_counts = all_reduce_sum(counts.to(self.device), self.dist).cpu()
+        # term_r * c_r / C is rank r's share of the global mean; x world because DDP averages gradients
+        share = counts / global_counts.clamp_min(1)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.forward(batch)
+        m = self.cfg.model
+        weights = (m.w_mim, m.w_align, m.w_mlm)
+        terms = [out[k] for k in ("mim", "align", "mlm")]
+        loss = sum(w * term * float(s * self.dist.world_size) for w, term, s in zip(weights, terms, share))
+        (loss / t.accum_steps).backward()
+        return torch.stack([term.detach().double().cpu() for term in terms]) * share
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over accum_steps micro-batches. A non-finite loss or gradient skips the update
+        (counted); the step still consumes its data and schedule slot."""
+        t = self.cfg.train
+        self.wrapped.train()
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums = {"loss": 0.0, "mim": 0.0, "align": 0.0, "mlm": 0.0}
+        terms = torch.zeros(3, dtype=torch.float64)
         for _ in range(t.accum_steps):
             batch = self.features(to_device(next(batches), self.device))
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                out = self.forward(batch)
-            (out["loss"] / t.accum_steps).backward()
-            for k in sums:
-                sums[k] += float(out[k].detach()) / t.accum_steps
-        if t.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad))
+            terms += self._micro_step(batch) / t.accum_steps
+        terms = all_reduce_sum(terms.to(self.device), self.dist).cpu()  # global means
+        m = self.cfg.model
+        loss = float(m.w_mim * terms[0] + m.w_align * terms[1] + m.w_mlm * terms[2])
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else float("inf")))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
         else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
-        self.optimizer.step()
+            self.bad_steps += 1
+            self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {**sums, "lr": lr, "grad_norm": grad_norm}
+        return {"loss": loss, "mim": float(terms[0]), "align": float(terms[1]), "mlm": float(terms[2]),
+                "lr": lr, "grad_norm": grad_norm, "skipped": not finite}
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
         metrics_csv, png = self.out / "metrics.csv", self.out / "loss.png"
-        trim_metrics(metrics_csv, self.step)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            trim_metrics(metrics_csv, self.step)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        world = self.dist.world_size
         self.log(
             f"simcrop.train: preset {t.preset}, {n_params / 1e6:.2f}M trainable parameters, device {self.device}, "
-            f"amp {self.amp or 'off'}, compile {t.compile}\n"
+            f"amp {self.amp or 'off'}, compile {t.compile}"
+            + (f", {world} ranks ({'FSDP2' if t.fsdp else 'DDP'})" if world > 1 else "") + "\n"
             f"  data {self.root} ({len(self.dataset)} training volumes), text encoder {self.text.name} (frozen)\n"
-            f"  global batch {cfg.data.batch_size} x {t.accum_steps} accumulation = "
-            f"{cfg.data.batch_size * t.accum_steps} volumes/step, steps {self.step} -> {t.steps}\n"
+            f"  global batch {cfg.data.batch_size} per device x {world} device(s) x {t.accum_steps} accumulation = "
+            f"{cfg.data.batch_size * world * t.accum_steps} volumes/step, steps {self.step} -> {t.steps}\n"
             f"  kernels ({cfg.model.kernels}): " + ", ".join(f"{k}={v}" for k, v in self.kernels.items())
         )
         from tqdm import tqdm
 
         batches = self.batches()
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), dynamic_ncols=True,
+                   file=sys.stderr)
         pending, t0, last = [], time.perf_counter(), time.perf_counter()
         end = min(t.steps, self.step + t.stop_after) if t.stop_after else t.steps
-        while self.step < end:
-            m = self.train_step(batches)
-            now = time.perf_counter()
-            m.update(step=self.step, volumes_per_s=cfg.data.batch_size * t.accum_steps / (now - last),
-                     elapsed_s=now - t0)
-            last = now
-            pending.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in m.items()})
-            bar.update(1)
-            bar.set_postfix_str(
-                f"loss {m['loss']:.3f} mim {m['mim']:.3f} align {m['align']:.3f} mlm {m['mlm']:.3f} "
-                f"{m['volumes_per_s']:.1f} vol/s"
-            )
-            if not math.isfinite(m["loss"]):
-                bar.close()
-                raise FloatingPointError(f"non-finite loss {m['loss']} at step {self.step}")
-            if self.step % t.log_every == 0 or self.step == end or self.step % t.ckpt_every == 0:
-                write_metrics(metrics_csv, pending)
-                pending = []
-            if self.step % t.ckpt_every == 0 or self.step == end:
-                self.save()
+        global_batch = cfg.data.batch_size * world * t.accum_steps
+        stopped_by_signal = False
+        with StopRequested() as stop:
+            while self.step < end:
+                try:
+                    m = self.train_step(batches)
+                except Exception as exc:
+                    if _is_oom(exc):
+                        raise TrainingStopped(oom_message(cfg, self.device)) from exc
+                    raise
+                now = time.perf_counter()
+                m.update(step=self.step, volumes_per_s=global_batch / (now - last), elapsed_s=now - t0)
+                last = now
+                if m.pop("skipped"):
+                    self.log(f"step {self.step}: non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}): "
+                             f"update skipped ({self.skipped_steps} skipped so far, {self.bad_steps} in a row)")
+                    if self.bad_steps >= t.max_bad_steps:
+                        bar.close()
+                        raise TrainingStopped(
+                            f"{self.bad_steps} steps in a row had a non-finite loss or gradient (last at step "
+                            f"{self.step}); lower --lr, raise --warmup-steps or check the data. The last good "
+                            f"checkpoint is {latest_checkpoint(self.out)}"
+                        )
+                pending.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in m.items()})
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"loss {m['loss']:.3f} mim {m['mim']:.3f} align {m['align']:.3f} mlm {m['mlm']:.3f} "
+                    f"{m['volumes_per_s']:.1f} vol/s"
+                )
+                stopped_by_signal = any_rank(stop.flag, self.dist, self.device)
+                at_checkpoint = self.step % t.ckpt_every == 0 or self.step == end or stopped_by_signal
+                if main and (self.step % t.log_every == 0 or at_checkpoint):
+                    write_metrics(metrics_csv, pending)
+                    pending = []
+                if at_checkpoint:
+                    self.save()
+                if stopped_by_signal:
+                    self.log(f"stop requested: checkpoint written at step {self.step}, exiting")
+                    break
         bar.close()
-        write_metrics(metrics_csv, pending)
-        plot_losses(metrics_csv, png)
-        ckpt = latest_checkpoint(self.out)
-        return {"checkpoint": ckpt, "metrics": metrics_csv, "plot": png, "elapsed_s": time.perf_counter() - t0}
+        result = {"checkpoint": latest_checkpoint(self.out), "metrics": metrics_csv, "plot": png,
+                  "elapsed_s": time.perf_counter() - t0, "skipped_steps": self.skipped_steps,
+                  "stopped": stopped_by_signal}
+        if main:
+            write_metrics(metrics_csv, pending)
+            plot_losses(metrics_csv, png)
+        return result
 
 
 def summarize(metrics_csv: Path) -> str:
@@ -373,14 +499,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         trainer = Trainer(cfg)
         result = trainer.run()
-    except (ConfigError, DataError, CheckpointError, BackendUnavailable, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, BackendUnavailable, TrainingStopped, FileNotFoundError) as exc:
         message = " ".join(str(exc).split())  # one line
         print(f"simcrop.train: error: {message}", file=sys.stderr)
         return 2
-    print(
-        f"done in {result['elapsed_s']:.0f} s: {summarize(result['metrics'])}\n"
-        f"  checkpoint {result['checkpoint']}\n  metrics    {result['metrics']}\n  loss plot  {result['plot']}"
-    )
+    finally:
+        shutdown()
+    if trainer.dist.is_main:
+        skipped = f", {result['skipped_steps']} step(s) skipped (non-finite)" if result["skipped_steps"] else ""
+        print(
+            f"{'stopped' if result['stopped'] else 'done'} in {result['elapsed_s']:.0f} s: "
+            f"{summarize(result['metrics'])}{skipped}\n"
+            f"  checkpoint {result['checkpoint']}\n  metrics    {result['metrics']}\n  loss plot  {result['plot']}"
+        )
     return 0
 
 

@@ -6,7 +6,9 @@ forward(batch) runs
   3. mim             MIM decoder -> L_MIM over hidden patches
   4. align           g_v(H_vis), sentence means of g_t(text), top-K patches per sentence -> L_align
   5. mlm             fusion(feature-head(masked report), Linear(H_vis)) -> text decoder -> L_MLM
-and returns {"loss": weighted total, "mim", "align", "mlm": the terms (detached)}.
+and returns {"loss": weighted total, "mim", "align", "mlm": the terms}. Each term is a mean over the batch's
+hidden patches / valid sentences / labelled tokens; `term_counts(batch)` gives those counts, with which the
+trainer re-weights the terms so that data-parallel ranks together compute the global-batch mean exactly.
 
 The frozen text encoder is not part of this module: its features arrive in the batch (computed by
 simcrop.models.text.FrozenTextEncoder, or read from the prepared-data cache), so the trainable graph, the
@@ -124,4 +126,13 @@ class SimCroP(nn.Module):
         if cfg.use_mlm:
             terms["mlm"] = self.mlm(h_vis, batch["report_feats"], batch["report_mask"], batch["mlm_labels"])
         loss = cfg.w_mim * terms["mim"] + cfg.w_align * terms["align"] + cfg.w_mlm * terms["mlm"]
-        return {"loss": loss, **{k: t.detach() for k, t in terms.items()}}
+        return {"loss": loss, **terms}
+
+    def term_counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[3] float64: how many hidden patches, valid sentences and labelled tokens the terms average over."""
+        B = batch["volume"].shape[0]
+        n_hidden = B * (self.num_patches - self.num_keep)
+        # sentence ids are 1..S per sample; sentences past max_sentences are not pooled
+        n_sent = batch["sentence_ids"].amax(dim=1).clamp(max=self.cfg.max_sentences).sum()
+        n_tok = (batch["mlm_labels"] != -100).sum()
+        return torch.stack([torch.tensor(float(n_hidden)), n_sent.double().cpu(), n_tok.double().cpu()]).double()
