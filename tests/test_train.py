@@ -137,3 +137,19 @@ def test_resume_refuses_a_checkpoint_of_another_model(data, cache, tmp_path, cap
     assert main(args(data, cache, out, "--steps", "1")) == 0
     assert main(args(data, cache, out, "--steps", "2", "--resume", "auto", "--enc-depth", "2")) == 2
     assert "other model settings (enc_depth)" in capsys.readouterr().err
+
+
+def test_a_training_step_leaves_the_text_encoder_frozen_in_eval_mode(data, cache, tmp_path):
+    from simcrop.config import make_config
+    from simcrop.train import Trainer
+
+    cfg = make_config("tiny", data=str(data), cache_dir=str(cache), out=str(tmp_path / "run"),
+                      text_encoder="tiny-bert", batch_size=2, progress=False)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    trainer.wrapped.train()
+    batch = trainer.features(next(trainer.batches()))
+    trainer._micro_step(batch)
+    assert not trainer.text.training and not any(m.training for m in trainer.text.modules())
+    assert all(p.grad is None and not p.requires_grad for p in trainer.text.parameters())
+    no_grad = [n for n, p in trainer.model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad
