@@ -12,7 +12,9 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install train test bench clean
 
-$(STAMP): requirements.txt pyproject.toml setup.py
+CSRC   := $(wildcard csrc/*.cpp csrc/cpu/* csrc/cuda/* csrc/include/simcrop/*)
+
+$(STAMP): requirements.txt pyproject.toml setup.py $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
@@ -24,7 +26,9 @@ install: $(STAMP)
 train: install
 	$(PY) -m simcrop.train --compile $(ARGS)
 
+# the tests, after compiling every CUDA source with nvcc for sm_90 (compile only; exit 2 = no nvcc here: skipped)
 test: install
+	bash csrc/check_cuda_compile.sh || test $$? -eq 2
 	$(PY) -m pytest tests -q $(ARGS)
 
 bench: install

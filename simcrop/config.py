@@ -66,7 +66,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = ""  # CT-RATE-layout folder ('' = built-in synthetic data, generated on first use)
+    data: str = ""  # CT-RATE folder or a prepared folder (python -m simcrop.prepare); '' = built-in synthetic data
+    loader: str = "auto"  # auto | dali | torch (simcrop.data.loader.make_loader; auto = DALI on prepared data)
     cache_dir: str = ""  # where synthetic data and tiny tokenizers go ('' = $SIMCROP_CACHE or ~/.cache/simcrop)
     synthetic_n: int = 320  # cases of the built-in synthetic dataset (80% train, 20% valid)
     batch_size: int = 14  # per device
@@ -267,6 +268,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"tau must be > 0, got {m.tau}")
     if d.batch_size < 1 or t.accum_steps < 1 or t.steps < 1:
         raise ConfigError("batch_size, accum_steps and steps must be >= 1")
+    if d.loader not in ("auto", "dali", "torch"):
+        raise ConfigError(f"loader must be auto, dali or torch, got {d.loader!r}")
     if not 0 < d.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     if t.amp not in ("auto", "bf16", "off"):

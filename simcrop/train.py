@@ -22,7 +22,9 @@ import torch
 from simcrop.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from simcrop.config import Config, ConfigError, add_config_arguments, config_from_args
 from simcrop.data.ctrate import DataError, dataset_dir, read_split
-from simcrop.data.pretrain import PretrainDataset, ResumableBatches, SampleSpec
+from simcrop.data.loader import LoaderUnavailable, make_loader
+from simcrop.data.prepared import build_prepared_data, is_prepared, prepared_corpus
+from simcrop.data.pretrain import PretrainDataset, SampleSpec
 from simcrop.distributed import (
     all_reduce_sum,
     any_rank,
@@ -117,7 +119,8 @@ class TextFeatures:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = dict(batch)
-        batch["findings_feats"] = self.encode(batch["findings_ids"], batch["findings_mask"])
+        if "findings_feats" not in batch:  # prepared data may carry them (the findings are never masked)
+            batch["findings_feats"] = self.encode(batch["findings_ids"], batch["findings_mask"])
         batch["report_feats"] = self.encode(batch["report_ids"], batch["report_mask"])
         return batch
 
@@ -132,6 +135,8 @@ def build_data(cfg: Config, tokenizer, root: Path, split: str = "train") -> Pret
 
 def report_corpus(root: Path, split: str = "train") -> list[str]:
     """Report texts (findings + impression) that the tiny-bert tokenizer is trained on."""
+    if is_prepared(root):
+        return prepared_corpus(root, split)
     return [f"{it.findings} {it.impression}".strip() for it in read_split(root, split)]
 
 
@@ -145,6 +150,8 @@ def build_text_encoder(cfg: Config, root: Path | None):
 
 def data_root(cfg: Config) -> Path:
     """The configured data folder, or the built-in synthetic dataset (generated on first use)."""
+    if cfg.data.data and is_prepared(cfg.data.data):
+        return Path(cfg.data.data)
     if cfg.data.data:
         dataset_dir(cfg.data.data)  # fails early with a clear message
         return Path(cfg.data.data)
@@ -287,7 +294,10 @@ class Trainer:
         with rank0_first(self.dist):  # synthetic data and tiny-bert caches are built once
             self.root = data_root(cfg)
             self.text = build_text_encoder(cfg, self.root).to(self.device)
-        self.dataset = build_data(cfg, self.text.tokenizer, self.root)
+        if is_prepared(self.root):
+            self.dataset = build_prepared_data(cfg, self.text, self.root, log=self.log)
+        else:
+            self.dataset = build_data(cfg, self.text.tokenizer, self.root)
         self.model = build_model(cfg, self.text).to(self.device)
         self.model.set_grad_checkpointing(t.grad_checkpointing)
         self.wrapped = wrap_model(self.model, self.dist, self.device, t.fsdp)
@@ -351,15 +361,11 @@ class Trainer:
         return save_checkpoint(self.out, self.step, model_state, state, cfg)
 
     def batches(self):
+        """Infinite iterator of this rank's micro-batches, starting where self.step left off."""
         t, d = self.cfg.train, self.cfg.data
-        sampler = ResumableBatches(len(self.dataset), d.batch_size, t.seed, start_batch=self.step * t.accum_steps,
-                                   rank=self.dist.rank, world_size=self.dist.world_size)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=d.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=d.num_workers > 0,
-            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG (dropout) untouched
-        )
-        return iter(loader)
+        return make_loader(d.loader, self.dataset, d.batch_size, t.seed, start_batch=self.step * t.accum_steps,
+                           rank=self.dist.rank, world_size=self.dist.world_size, num_workers=d.num_workers,
+                           device=self.device, log=self.log)
 
     def _micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the [3] global-mean terms (detached, float64)."""
@@ -499,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         trainer = Trainer(cfg)
         result = trainer.run()
-    except (ConfigError, DataError, CheckpointError, BackendUnavailable, TrainingStopped, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, BackendUnavailable, TrainingStopped, LoaderUnavailable,
+            FileNotFoundError) as exc:
         message = " ".join(str(exc).split())  # one line
         print(f"simcrop.train: error: {message}", file=sys.stderr)
         return 2

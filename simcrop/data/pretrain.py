@@ -108,22 +108,27 @@ class PretrainDataset(Dataset):
 
 
 class ResumableBatches:
-    """Infinite batch sampler: epoch e visits a permutation seeded by (seed, e) in batches of `batch_size`
-    (drop_last); yields lists of (index, epoch). start_batch skips that many micro-batches exactly (resume);
-    rank / world_size take every world_size-th batch (each rank its own, for distributed training)."""
+    """Infinite batch sampler; yields lists of (index, epoch).
+
+    Epoch e visits a permutation seeded by (seed, e) in GLOBAL batches of batch_size x world_size volumes
+    (drop_last); rank r takes slice r of each global batch, so the world together sees exactly what one process
+    with batch_size x world_size would. start_batch skips that many micro-batches of this rank (exact resume).
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
-        if n < batch_size:
-            raise DataError(f"dataset has {n} volumes, fewer than the batch size {batch_size}")
+        if n < batch_size * world_size:
+            raise DataError(f"dataset has {n} volumes, fewer than the global batch {batch_size} x {world_size}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
-        self.per_epoch = n // batch_size
+        self.per_epoch = n // (batch_size * world_size)  # global batches per epoch
 
-    def batch(self, b: int) -> list[tuple[int, int]]:
-        """Global batch number b -> its (index, epoch) list."""
-        epoch, j = divmod(b, self.per_epoch)
+    def batch(self, g: int) -> list[tuple[int, int]]:
+        """Rank-batch number g = global_batch * world_size + rank -> its (index, epoch) list."""
+        global_batch, rank = divmod(g, self.world_size)
+        epoch, j = divmod(global_batch, self.per_epoch)
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        return [(int(i), epoch) for i in perm[j * self.batch_size : (j + 1) * self.batch_size]]
+        start = (j * self.world_size + rank) * self.batch_size
+        return [(int(i), epoch) for i in perm[start : start + self.batch_size]]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         b = self.start_batch

@@ -4,6 +4,8 @@ A fused implementation registers itself with `register_fused(op, impl, check)`; 
 when the implementation can run on that device, else a one-line reason. Nothing falls back silently:
 `fused` raises `BackendUnavailable` with the reason; `auto` picks fused where `check` passes and reference
 otherwise, and `describe()` reports what was chosen so the caller can log it.
+An implementation registered with `auto_on_cpu=False` (Triton: on CPU it runs only in its interpreter, a test
+tool) is never chosen by `auto` for CPU tensors; `fused` still runs it there when `check` passes.
 """
 from __future__ import annotations
 
@@ -27,22 +29,26 @@ class _Fused:
     impl: Callable
     check: Callable[[torch.device], "str | None"]
     name: str  # e.g. "triton", "c++/cuda"
+    auto_on_cpu: bool = True
 
 
 _FUSED: dict[str, _Fused] = {}
 
 
-def register_fused(op: str, impl: Callable, check: Callable[[torch.device], "str | None"], name: str) -> None:
+def register_fused(op: str, impl: Callable, check: Callable[[torch.device], "str | None"], name: str,
+                   auto_on_cpu: bool = True) -> None:
     """Make `impl` the fused implementation of `op` (same signature as simcrop.ops.reference.<op>)."""
     if op not in OP_NAMES:
         raise ValueError(f"unknown operator {op!r}; known: {', '.join(OP_NAMES)}")
-    _FUSED[op] = _Fused(impl, check, name)
+    _FUSED[op] = _Fused(impl, check, name, auto_on_cpu)
 
 
-def _fused_reason(op: str, device: torch.device) -> "str | None":
+def _fused_reason(op: str, device: torch.device, backend: str = "fused") -> "str | None":
     fused = _FUSED.get(op)
     if fused is None:
         return f"no fused implementation of {op} is installed in this build"
+    if backend == "auto" and device.type == "cpu" and not fused.auto_on_cpu:
+        return f"{fused.name} runs on CPU only in its interpreter (a test tool): auto keeps the reference"
     return fused.check(device)
 
 
@@ -52,7 +58,7 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[Callable, str]
         raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "reference":
         return getattr(reference, op), "reference"
-    reason = _fused_reason(op, device)
+    reason = _fused_reason(op, device, backend)
     if reason is None:
         return _FUSED[op].impl, _FUSED[op].name
     if backend == "fused":
@@ -66,6 +72,6 @@ def describe(backend: str, device: torch.device) -> dict[str, str]:
     for op in OP_NAMES:
         _, name = resolve(op, backend, device)
         if name == "reference" and backend == "auto":
-            name = f"reference ({_fused_reason(op, device)})"
+            name = f"reference ({_fused_reason(op, device, backend)})"
         out[op] = name
     return out
