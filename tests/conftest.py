@@ -13,3 +13,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """14 synthetic cases in CT-RATE layout (12 train, 2 valid), shared by the training tests."""
+    from simcrop.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synthetic") / "ds", n=14, seed=3)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """One cache folder (tiny-bert built once per session)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def train_args(synthetic_data, cache):
+    """train_args(out, *extra) -> argv for simcrop.train: tiny preset, tiny-bert, batch 2, no progress bar."""
+
+    def make(out, *extra, data=None):
+        return ["--data", str(data or synthetic_data), "--cache-dir", str(cache), "--out", str(out),
+                "--text-encoder", "tiny-bert", "--batch-size", "2", "--no-progress", "--warmup-steps", "1",
+                "--log-every", "1", *extra]
+
+    return make

@@ -14,30 +14,30 @@ from safetensors.torch import load_file
 
 import simcrop.checkpoint as ckpt
 from simcrop.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from simcrop.data.synthetic import write_dataset
 from simcrop.models.simcrop import SimCroP
 from simcrop.train import main
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("synthetic") / "ds", n=14, seed=5)
+@pytest.fixture
+def data(synthetic_data) -> Path:
+    return synthetic_data
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+@pytest.fixture
+def args(train_args):
+    return lambda data, cache, out, *extra: train_args(out, *extra, data=data)
 
 
-def args(data, cache, out, *extra):
-    return ["--data", str(data), "--cache-dir", str(cache), "--out", str(out), "--text-encoder", "tiny-bert",
-            "--batch-size", "2", "--no-progress", "--warmup-steps", "1", "--log-every", "1", *extra]
+@pytest.fixture
+def cli(args):
+    """cli(data, cache, out, *extra) -> a simcrop.train subprocess with one thread (reproducible reductions)."""
 
+    def start(data, cache, out, *extra):
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        cmd = [sys.executable, "-m", "simcrop.train", *args(data, cache, out, *extra)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-def cli(data, cache, out, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "simcrop.train", *args(data, cache, out, *extra)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(data, cache, tmp_path):
+def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(data, cache, args, cli, tmp_path):
     """All runs in subprocesses with one thread each, so float reductions run in the same order."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     steps = ["--steps", "12", "--ckpt-every", "2"]
@@ -72,7 +72,7 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(data, cache, tmp_p
         assert torch.equal(a[k], b[k]), k
 
 
-def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(data, cache, tmp_path, monkeypatch):
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(data, cache, args, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "2", "--ckpt-every", "1", "--stop-after", "1")) == 0
     real_save = torch.save
@@ -95,7 +95,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(data,
     assert latest_checkpoint(out).name == "step_00000002"
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(data, cache, tmp_path):
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(data, cache, args, cli, tmp_path):
     out = tmp_path / "run"
     proc = cli(data, cache, out, "--steps", "100000", "--ckpt-every", "1000")
     wait_for(out / "metrics.csv", proc)
@@ -108,7 +108,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(data, cache, 
     assert 0 < step < 100000
 
 
-def test_non_finite_steps_are_skipped_counted_and_bounded(data, cache, tmp_path, monkeypatch, capsys):
+def test_non_finite_steps_are_skipped_counted_and_bounded(data, cache, args, tmp_path, monkeypatch, capsys):
     real_forward = SimCroP.forward
     calls = {"n": 0}
     poisoned = {2}
@@ -134,7 +134,7 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(data, cache, tmp_path,
     assert "3 steps in a row had a non-finite loss" in capsys.readouterr().err
 
 
-def test_out_of_memory_gives_a_message_with_what_to_change(data, cache, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_gives_a_message_with_what_to_change(data, cache, args, tmp_path, monkeypatch, capsys):
     def forward(self, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
@@ -149,7 +149,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_checkpoint_carrying_code_is_refused(data, cache, tmp_path):
+def test_a_pickle_checkpoint_carrying_code_is_refused(data, cache, args, tmp_path):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "1")) == 0
     marker = tmp_path / "pwned"
@@ -163,7 +163,7 @@ def test_a_pickle_checkpoint_carrying_code_is_refused(data, cache, tmp_path):
     assert not marker.exists()
 
 
-def test_a_truncated_checkpoint_gives_a_clear_error(data, cache, tmp_path, capsys):
+def test_a_truncated_checkpoint_gives_a_clear_error(data, cache, args, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "1")) == 0
     weights = latest_checkpoint(out) / "model.safetensors"

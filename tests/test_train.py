@@ -12,19 +12,15 @@ from simcrop.data.synthetic import write_dataset
 from simcrop.train import main
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("synthetic") / "ds", n=14, seed=3)
+@pytest.fixture
+def data(synthetic_data) -> Path:
+    return synthetic_data
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-def args(data, cache, out, *extra):
-    return ["--data", str(data), "--cache-dir", str(cache), "--out", str(out), "--text-encoder", "tiny-bert",
-            "--batch-size", "2", "--no-progress", "--warmup-steps", "1", "--log-every", "1", *extra]
+@pytest.fixture
+def args(train_args):
+    """args(data, cache, out, *extra): the shared train_args with this module's call shape."""
+    return lambda data, cache, out, *extra: train_args(out, *extra, data=data)
 
 
 def losses(out: Path) -> list[float]:
@@ -40,7 +36,7 @@ def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_train_writes_checkpoint_metrics_and_plot(data, cache, tmp_path, capsys):
+def test_train_writes_checkpoint_metrics_and_plot(data, cache, args, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "3")) == 0
     printed = capsys.readouterr().out
@@ -53,7 +49,7 @@ def test_train_writes_checkpoint_metrics_and_plot(data, cache, tmp_path, capsys)
     assert (out / "checkpoints" / "LATEST").read_text() == "step_00000003"
 
 
-def test_resume_continues_exactly(data, cache, tmp_path):
+def test_resume_continues_exactly(data, cache, args, tmp_path):
     """train 4 steps == train 2 (same schedule), resume, train 2: same parameters, same losses."""
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(args(data, cache, full, "--steps", "4")) == 0
@@ -67,21 +63,21 @@ def test_resume_continues_exactly(data, cache, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_compiled_training_matches_eager(data, cache, tmp_path):
+def test_compiled_training_matches_eager(data, cache, args, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert main(args(data, cache, eager, "--steps", "2", "--dropout", "0")) == 0
     assert main(args(data, cache, compiled, "--steps", "2", "--dropout", "0", "--compile")) == 0
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
 
 
-def test_loss_decreases(data, cache, tmp_path):
+def test_loss_decreases(data, cache, args, tmp_path):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "40", "--lr", "1e-3", "--warmup-steps", "4")) == 0
     values = losses(out)
     assert sum(values[-4:]) / 4 < 0.8 * sum(values[:4]) / 4, values
 
 
-def test_refuses_to_overwrite_a_previous_run(data, cache, tmp_path, capsys):
+def test_refuses_to_overwrite_a_previous_run(data, cache, args, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "1")) == 0
     before = tree_digest(out)
@@ -106,7 +102,7 @@ def _edit_reports(src: Path, dst: Path, name_suffix: str, findings: str) -> Path
 
 
 @pytest.mark.parametrize("case", ["missing_path", "empty_report", "no_sentence", "small_volume", "k_too_large"])
-def test_bad_input_gives_one_line_error_and_damages_nothing(case, data, cache, tmp_path, tmp_path_factory, capsys):
+def test_bad_input_gives_one_line_error_and_damages_nothing(case, data, cache, args, tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "1")) == 0
     before = tree_digest(out)
@@ -132,14 +128,14 @@ def test_bad_input_gives_one_line_error_and_damages_nothing(case, data, cache, t
     assert tree_digest(out) == before
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(data, cache, tmp_path, capsys):
+def test_resume_refuses_a_checkpoint_of_another_model(data, cache, args, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(data, cache, out, "--steps", "1")) == 0
     assert main(args(data, cache, out, "--steps", "2", "--resume", "auto", "--enc-depth", "2")) == 2
     assert "other model settings (enc_depth)" in capsys.readouterr().err
 
 
-def test_a_training_step_leaves_the_text_encoder_frozen_in_eval_mode(data, cache, tmp_path):
+def test_a_training_step_leaves_the_text_encoder_frozen_in_eval_mode(data, cache, args, tmp_path):
     from simcrop.config import make_config
     from simcrop.train import Trainer
 
