@@ -1,0 +1,5 @@
+import sys
+
+from simcrop.eval.cli import main
+
+sys.exit(main())

@@ -1,0 +1,355 @@
+"""The project's ablation: pre-train variants with one budget, evaluate each the same way, tabulate.
+
+    python -m simcrop.eval ablation --out docs/ablation --work runs/ablation --steps 300
+
+Variants (all the tiny preset, same seed, data, steps and schedule; `simcrop.train.main`):
+  random   no pre-training (the full architecture at its initialisation: step-0 checkpoint)
+  mim      L_MIM only                 (--no-use-mlm --no-use-align)
+  mim_mlm  L_MIM + L_MLM              (--no-use-align)
+  full     SimCroP: L_MIM + L_MLM + L_align
+  (optional: mim_align --no-use-mlm, align --no-use-mim --no-use-mlm)
+Each is evaluated on the held-out split by the CLI tasks: linear probe (1/10/100 %), grounding (needs the
+alignment heads: random and full only; random heads = a measured chance baseline), segmentation (UNETR,
+lesions), and zero-shot / retrieval where the heads exist. Writes <out>/ablation.{md,csv,json,png}; every
+variant's runs and results stay in --work (re-running skips what is done).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from simcrop.eval.loader import EvalError
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "random": ("none (random init)", []),
+    "mim": ("MIM", ["--no-use-mlm", "--no-use-align"]),
+    "mim_mlm": ("MIM + MLM", ["--no-use-align"]),
+    "mim_align": ("MIM + align", ["--no-use-mlm"]),
+    "align": ("align", ["--no-use-mim", "--no-use-mlm"]),
+    "full": ("MIM + MLM + align (SimCroP)", []),
+}
+DEFAULT_VARIANTS = ("random", "mim", "mim_mlm", "full")
+
+
+def add_ablation_args(p) -> None:
+    p.add_argument("--out", default="docs/ablation", help="table, CSV, JSON and chart go here")
+    p.add_argument("--work", default="runs/ablation", help="pre-training runs and per-variant results")
+    p.add_argument("--data", default="", help="CT-RATE-layout folder (default: the built-in synthetic dataset)")
+    p.add_argument("--cache-dir", default="", help="synthetic data / text encoder cache (default: $SIMCROP_CACHE)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=300, help="pre-training steps of every variant")
+    p.add_argument("--text-encoder", default="minilm", help="frozen text tower of every variant")
+    p.add_argument("--seed", type=int, default=42, help="pre-training seed (the same for every variant)")
+    p.add_argument("--train-args", default="", help="extra simcrop.train flags for every variant (one string)")
+    p.add_argument("--probe-epochs", type=int, default=200, help="linear probe: longest training")
+    p.add_argument("--probe-repeats", type=int, default=3, help="linear probe: draws of the 1%%/10%% subsets")
+    p.add_argument("--seg-steps", type=int, default=300, help="UNETR training steps")
+    p.add_argument("--seg-lr", type=float, default=1e-3,
+                   help="UNETR learning rate (higher than segment's default: a short budget)")
+    p.add_argument("--seg-feature-size", type=int, default=16, help="UNETR feature size")
+    p.add_argument("--seg-target", default="lesions", choices=("lesions", "findings", "anatomy"),
+                   help="segmentation labels (see segment --help)")
+    p.add_argument("--seg-max-test", type=int, default=0, help="segmentation test volumes (0 = all)")
+    p.add_argument("--figures", type=int, default=4, help="grounding pictures per variant")
+    p.add_argument("--device", default="auto", help="evaluation device (pre-training: simcrop.train's --device)")
+    p.add_argument("--skip", default="", help="comma list of evaluations to skip: probe,grounding,segment,zeroshot")
+
+
+def _data_root(args) -> Path:
+    if args.data:
+        return Path(args.data)
+    from simcrop.data.synthetic import ensure_default_dataset
+    from simcrop.eval.loader import default_cache_dir
+    from simcrop.config import make_config
+
+    cfg = make_config("tiny")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(cfg)
+    return ensure_default_dataset(cache, n=cfg.data.synthetic_n)
+
+
+def _common_train_args(args, root: Path) -> list[str]:
+    out = ["--preset", "tiny", "--data", str(root), "--text-encoder", args.text_encoder, "--steps", str(args.steps),
+           "--warmup-steps", str(max(1, args.steps // 10)), "--seed", str(args.seed), "--ckpt-every",
+           str(args.steps), "--no-progress", "--log-every", "10"]
+    if args.cache_dir:
+        out += ["--cache-dir", args.cache_dir]
+    return out + args.train_args.split()
+
+
+def write_random_checkpoint(run: Path, train_argv: list[str]) -> Path:
+    """Step-0 checkpoint of the full model at its initialisation (what simcrop.train would start from)."""
+    from simcrop.checkpoint import latest_checkpoint, save_checkpoint
+    from simcrop.config import add_config_arguments, config_from_args
+    from simcrop.train import build_model, build_text_encoder, data_root, seed_everything
+    import argparse
+
+    done = latest_checkpoint(run)
+    if done is not None:
+        return done
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(train_argv + ["--out", str(run)]))
+    seed_everything(cfg.train.seed)
+    root = data_root(cfg)
+    text = build_text_encoder(cfg, root)
+    model = build_model(cfg, text)
+    saved = cfg.to_dict()
+    saved["text_encoder_id"] = text.name
+    return save_checkpoint(run, 0, model.state_dict(), {"step": 0, "text_encoder": text.name}, saved)
+
+
+def pretrain(variant: str, args, root: Path, work: Path, log) -> tuple[Path, float]:
+    """The variant's checkpoint (trained now unless already there) and its pre-training seconds."""
+    from simcrop.checkpoint import latest_checkpoint
+    from simcrop.train import main as train_main
+
+    run = work / variant / "run"
+    argv = _common_train_args(args, root) + VARIANTS[variant][1] + ["--out", str(run)]
+    if variant == "random":
+        return write_random_checkpoint(run, argv), 0.0
+    timing = work / variant / "pretrain_seconds.json"
+    done = latest_checkpoint(run)
+    if done is not None and done.name == f"step_{args.steps:08d}" and timing.is_file():
+        return done, json.loads(timing.read_text())["seconds"]
+    if done is not None:
+        argv += ["--resume", "auto"]
+    log(f"[{variant}] pre-training {args.steps} steps: python -m simcrop.train {' '.join(argv)}")
+    t0 = time.perf_counter()
+    if train_main(argv) != 0:
+        raise EvalError(f"pre-training of variant {variant} failed (see the message above)")
+    seconds = time.perf_counter() - t0
+    timing.write_text(json.dumps({"seconds": seconds}))
+    return latest_checkpoint(run), seconds
+
+
+def _evaluate(variant: str, ckpt: Path, args, root: Path, work: Path, log) -> dict:
+    from simcrop.eval.cli import main as eval_main
+    from simcrop.eval.features import has_heads
+
+    out = work / variant / "eval"
+    common = ["--checkpoint", str(ckpt), "--data", str(root), "--out", str(out), "--device", args.device]
+    if args.cache_dir:
+        common += ["--cache-dir", args.cache_dir]
+    model_cfg = json.loads((ckpt / "config.json").read_text())["model"]
+    has_align, has_mlm = model_cfg["use_align"], model_cfg["use_mlm"]
+    skip = set(filter(None, args.skip.split(",")))
+    jobs = []
+    if "probe" not in skip:
+        jobs.append(("linear-probe", ["--epochs", str(args.probe_epochs), "--repeats", str(args.probe_repeats)]))
+    if has_align and "grounding" not in skip:
+        jobs.append(("grounding", ["--figures", str(args.figures), "--diagnose", "4"]))
+    if has_mlm and "grounding" not in skip:
+        jobs.append(("grounding-fusion", ["--map", "fusion", "--figures", str(args.figures)]))
+    if has_align and "zeroshot" not in skip:
+        jobs += [("zero-shot", []), ("retrieval", [])]
+    if "segment" not in skip:
+        jobs.append(("segment", ["--steps", str(args.seg_steps), "--target", args.seg_target, "--max-test",
+                                 str(args.seg_max_test), "--lr", str(args.seg_lr), "--feature-size",
+                                 str(args.seg_feature_size)]))
+    results = {}
+    for task, extra in jobs:
+        path = out / f"{task}.json"
+        if not path.is_file():
+            log(f"[{variant}] {task}")
+            t0 = time.perf_counter()
+            if eval_main([task.split("-fusion")[0], *common, *extra]) != 0:
+                raise EvalError(f"{task} of variant {variant} failed (see the message above)")
+            data = json.loads(path.read_text())
+            data["seconds"] = time.perf_counter() - t0
+            path.write_text(json.dumps(data, indent=2))
+        results[task] = json.loads(path.read_text())
+    return results
+
+
+def _g(d, *keys):
+    for k in keys:
+        if d is None:
+            return None
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def table_rows(summary: dict) -> list[dict]:
+    rows = []
+    for v, r in summary["variants"].items():
+        lp, gr, sg = r["results"].get("linear-probe"), r["results"].get("grounding"), r["results"].get("segment")
+        gf = r["results"].get("grounding-fusion")
+        zs, rt = r["results"].get("zero-shot"), r["results"].get("retrieval")
+        rows.append({
+            "variant": v, "losses": VARIANTS[v][0], "pretrain_s": r["pretrain_s"],
+            "probe_auroc_1": _g(lp, "fractions", "0.01", "auroc"), "probe_auroc_10": _g(lp, "fractions", "0.1", "auroc"),
+            "probe_auroc_100": _g(lp, "fractions", "1", "auroc"), "probe_f1_100": _g(lp, "fractions", "1", "f1"),
+            "ground_lesion_share": _g(gr, "groups", "lesion", "topk_share", "mean"),
+            "ground_lesion_chance": _g(gr or gf, "groups", "lesion", "chance", "mean"),
+            "ground_lesion_hit": _g(gr, "groups", "lesion", "hit", "mean"),
+            "ground_normal_share": _g(gr, "groups", "normal", "topk_share", "mean"),
+            "ground_normal_chance": _g(gr or gf, "groups", "normal", "chance", "mean"),
+            "ground_normal_hit": _g(gr, "groups", "normal", "hit", "mean"),
+            "ground_patch_auroc": _g(gr, "groups", "all", "patch_auroc", "mean"),
+            "fusion_lesion_share": _g(gf, "groups", "lesion", "topk_share", "mean"),
+            "fusion_lesion_hit": _g(gf, "groups", "lesion", "hit", "mean"),
+            "fusion_normal_share": _g(gf, "groups", "normal", "topk_share", "mean"),
+            "fusion_normal_hit": _g(gf, "groups", "normal", "hit", "mean"),
+            "fusion_patch_auroc": _g(gf, "groups", "all", "patch_auroc", "mean"),
+            "align_discrimination": _g(gr, "diagnostic", "discrimination_topk"),
+            "align_discrimination_random_k": _g(gr, "diagnostic", "discrimination_random_k"),
+            "seg_dice": _g(sg, "dice"), "zero_shot_auroc": _g(zs, "auroc"),
+            "retrieval_r5": _g(rt, "report_to_volume", "5"),
+        })
+    return rows
+
+
+def _slim(obj):
+    """The summary without per-sentence records and probe curves (those stay in --work)."""
+    if isinstance(obj, dict):
+        return {k: _slim(v) for k, v in obj.items() if k not in ("sentences", "val_curve")}
+    if isinstance(obj, list):
+        return [_slim(v) for v in obj]
+    return obj
+
+
+def write_table(summary: dict, out: Path) -> None:
+    from simcrop.eval.report import fmt, md_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(summary)
+    with open(out / "ablation.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{k: ("" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)) for k, v in r.items()} for r in rows])
+    (out / "ablation.json").write_text(json.dumps(_slim(summary), indent=1, default=str))
+
+    def chance(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return fmt(vals[0]) if vals else "n/a"
+
+    cl, cn = chance("ground_lesion_chance"), chance("ground_normal_chance")
+    header = ["variant", "pre-training", "probe AUROC 1%", "10%", "100%", "probe F1 100%",
+              f"align: lesion top-K share (chance {cl})", f"lesion hit ({cl})",
+              f"normal top-K share ({cn})", f"normal hit ({cn})", "patch AUROC (0.5)",
+              f"fusion attn: lesion top-K share ({cl})", f"normal top-K share ({cn})", "patch AUROC (0.5)",
+              "L_align sentence discrimination (random-K)", "seg Dice", "zero-shot AUROC (0.5)", "R@5 report→vol"]
+    body = [[r["variant"], f"{r['losses']}, {r['pretrain_s']:.0f} s", r["probe_auroc_1"], r["probe_auroc_10"],
+             r["probe_auroc_100"], r["probe_f1_100"], r["ground_lesion_share"], r["ground_lesion_hit"],
+             r["ground_normal_share"], r["ground_normal_hit"], r["ground_patch_auroc"], r["fusion_lesion_share"],
+             r["fusion_normal_share"], r["fusion_patch_auroc"],
+             "n/a" if r["align_discrimination"] is None else
+             f"{fmt(r['align_discrimination'])} ({fmt(r['align_discrimination_random_k'])})",
+             r["seg_dice"], r["zero_shot_auroc"], r["retrieval_r5"]] for r in rows]
+    r5 = [v["results"].get("retrieval", {}).get("chance", {}).get("5") for v in summary["variants"].values()]
+    r5 = next((c for c in r5 if c is not None), None)
+    header[-1] += f" ({fmt(r5)})" if r5 is not None else ""
+    recorded = sum(v["pretrain_s"] for v in summary["variants"].values()) + sum(
+        t.get("seconds", 0.0) for v in summary["variants"].values() for t in v["results"].values())
+    s = summary["settings"]
+    md = "\n\n".join([
+        "# Ablation (generated by `python -m simcrop.eval ablation`)",
+        f"Command: `{s['command']}`",
+        f"Machine: {s['machine']}. Data: {s['data']} (pre-training on `train`, every number on the held-out "
+        f"`valid` split). Recorded time of all runs (pre-training + evaluation, summed over the invocations that "
+        f"produced them): {recorded:.0f} s; this invocation: {s['total_s']:.0f} s.",
+        md_table(header, body),
+        "align: cos(g_t sentence, g_v patch); fusion attn: the masked-report branch's word-patch cross-attention "
+        "(simcrop.eval.grounding). n/a: the variant lacks the part the measure reads (alignment heads g_v / g_t "
+        "for align, zero-shot and retrieval; the fusion layer for fusion attn). Chance rates depend only on the "
+        "test sentences and regions, so they are the same for every variant.",
+    ])
+    (out / "ablation.md").write_text(md + "\n")
+    draw_chart(rows, out / "ablation.png")
+
+
+def draw_chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r["variant"] for r in rows]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for i, (key, lab) in enumerate((("probe_auroc_1", "1%"), ("probe_auroc_10", "10%"), ("probe_auroc_100", "100%"))):
+        ax.bar(x + (i - 1) * 0.27, [r[key] or 0 for r in rows], 0.27, label=f"{lab} labels")
+    ax.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_title("linear probe: macro AUROC (test)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    bars = (("ground_lesion_share", "ground_lesion_chance", "align, lesion", "C3", None),
+            ("ground_normal_share", "ground_normal_chance", "align, normal", "C0", None),
+            ("fusion_lesion_share", "ground_lesion_chance", "fusion attn, lesion", "C3", "//"),
+            ("fusion_normal_share", "ground_normal_chance", "fusion attn, normal", "C0", "//"))
+    w = 0.2
+    for i, (key, ckey, lab, col, hatch) in enumerate(bars):
+        off = (i - 1.5) * w
+        vals = [r[key] for r in rows]
+        ax.bar(x + off, [v or 0 for v in vals], w, color=col, alpha=0.5 if hatch else 1.0, hatch=hatch,
+               edgecolor="k", lw=0.5, label=lab)
+        for j, r in enumerate(rows):
+            c = r[ckey]
+            if c is not None and vals[j] is not None:
+                ax.plot([x[j] + off - w / 2, x[j] + off + w / 2], [c, c], color="k", lw=1.5)
+            if vals[j] is None:
+                ax.text(x[j] + off, 0.01, "n/a", ha="center", fontsize=6, rotation=90)
+    ax.set_title("grounding: top-K share in region (black: chance)")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.bar(x, [r["seg_dice"] or 0 for r in rows], 0.5, color="C2")
+    ax.set_title("segmentation: mean Dice (UNETR)")
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} CPU cores, {dev}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def run_ablation(args, log=print) -> dict:
+    import sys
+
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise EvalError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    t0 = time.perf_counter()
+    root = _data_root(args)
+    work = Path(args.work)
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("__main__.py") else []
+    summary = {"settings": {"command": "python -m simcrop.eval " + (shlex.join(argv) if argv else "ablation ..."),
+        "machine": machine(), "data": str(root), "steps": args.steps,
+        "text_encoder": args.text_encoder, "seed": args.seed}, "variants": {}}
+    for v in args.variants.split(","):
+        ckpt, seconds = pretrain(v, args, root, work, log)
+        summary["variants"][v] = {"checkpoint": str(ckpt), "pretrain_s": seconds,
+                                  "results": _evaluate(v, ckpt, args, root, work, log)}
+    summary["settings"]["total_s"] = time.perf_counter() - t0
+    write_table(summary, Path(args.out))
+    for v, r in summary["variants"].items():  # one grounding picture per variant beside the table
+        figs = (r["results"].get("grounding") or {}).get("figures") or []
+        if figs and Path(figs[0]).is_file():
+            shutil.copyfile(figs[0], Path(args.out) / f"grounding_{v}.png")
+    log(f"wrote {Path(args.out) / 'ablation.md'}, .csv, .json, .png")
+    return summary
