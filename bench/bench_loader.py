@@ -71,7 +71,8 @@ def test_loader(benchmark, data, encoder, crop, kind):
 
     benchmark.group = f"loader {crop} batch {batch} x {PER_ROUND} batches"
     benchmark.pedantic(take, rounds=4, iterations=1)
-    benchmark.extra_info["volumes_per_s"] = round(PER_ROUND * batch / benchmark.stats.stats.median, 2)
+    if benchmark.stats is not None:  # None under --benchmark-disable (smoke run)
+        benchmark.extra_info["volumes_per_s"] = round(PER_ROUND * batch / benchmark.stats.stats.median, 2)
     benchmark.extra_info["cpus"] = os.cpu_count()
     benchmark.extra_info["load_avg_1min"] = round(os.getloadavg()[0], 2)
 
@@ -91,5 +92,6 @@ def test_prepare(benchmark, data, tmp_path, workers):
 
     benchmark.group = f"prepare {N} synthetic volumes (+ text features)"
     benchmark.pedantic(run, setup=fresh, rounds=3, iterations=1)
-    benchmark.extra_info["volumes_per_min"] = round(N * 60 / benchmark.stats.stats.median, 1)
+    if benchmark.stats is not None:  # None under --benchmark-disable (smoke run)
+        benchmark.extra_info["volumes_per_min"] = round(N * 60 / benchmark.stats.stats.median, 1)
     benchmark.extra_info["load_avg_1min"] = round(os.getloadavg()[0], 2)

@@ -45,8 +45,10 @@ def test_model_step(benchmark, trainer_factory, mode):
         _model_step(trainer, batch)
     benchmark.group = "tiny model step (fwd+bwd+AdamW)"
     benchmark.pedantic(_model_step, args=(trainer, batch), rounds=10, iterations=1)
-    benchmark.extra_info["steps_per_s"] = 1.0 / benchmark.stats.stats.median
-    benchmark.extra_info["volumes_per_s"] = BATCH / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (smoke run)
+        benchmark.extra_info["steps_per_s"] = 1.0 / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (smoke run)
+        benchmark.extra_info["volumes_per_s"] = BATCH / benchmark.stats.stats.median
     benchmark.extra_info["device"] = str(trainer.device)
 
 
@@ -58,6 +60,8 @@ def test_full_step(benchmark, trainer_factory, mode):
         trainer.train_step(batches)
     benchmark.group = "tiny full train step (data + text + model)"
     benchmark.pedantic(trainer.train_step, args=(batches,), rounds=10, iterations=1)
-    benchmark.extra_info["steps_per_s"] = 1.0 / benchmark.stats.stats.median
-    benchmark.extra_info["volumes_per_s"] = BATCH / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (smoke run)
+        benchmark.extra_info["steps_per_s"] = 1.0 / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (smoke run)
+        benchmark.extra_info["volumes_per_s"] = BATCH / benchmark.stats.stats.median
     benchmark.extra_info["threads"] = torch.get_num_threads()
