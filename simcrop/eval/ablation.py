@@ -200,6 +200,7 @@ def table_rows(summary: dict) -> list[dict]:
             "fusion_patch_auroc": _g(gf, "groups", "all", "patch_auroc", "mean"),
             "align_discrimination": _g(gr, "diagnostic", "discrimination_topk"),
             "align_discrimination_random_k": _g(gr, "diagnostic", "discrimination_random_k"),
+            "align_position_share": _g(gr, "diagnostic", "position_share"),
             "seg_dice": _g(sg, "dice"), "zero_shot_auroc": _g(zs, "auroc"),
             "retrieval_r5": _g(rt, "report_to_volume", "5"),
         })
@@ -235,14 +236,14 @@ def write_table(summary: dict, out: Path) -> None:
               f"align: lesion top-K share (chance {cl})", f"lesion hit ({cl})",
               f"normal top-K share ({cn})", f"normal hit ({cn})", "patch AUROC (0.5)",
               f"fusion attn: lesion top-K share ({cl})", f"normal top-K share ({cn})", "patch AUROC (0.5)",
-              "L_align sentence discrimination (random-K)", "seg Dice", "zero-shot AUROC (0.5)", "R@5 report→vol"]
+              "L_align sentence discrimination (random-K)", "g_v variance from position", "seg Dice", "zero-shot AUROC (0.5)", "R@5 report→vol"]
     body = [[r["variant"], f"{r['losses']}, {r['pretrain_s']:.0f} s", r["probe_auroc_1"], r["probe_auroc_10"],
              r["probe_auroc_100"], r["probe_f1_100"], r["ground_lesion_share"], r["ground_lesion_hit"],
              r["ground_normal_share"], r["ground_normal_hit"], r["ground_patch_auroc"], r["fusion_lesion_share"],
              r["fusion_normal_share"], r["fusion_patch_auroc"],
              "n/a" if r["align_discrimination"] is None else
              f"{fmt(r['align_discrimination'])} ({fmt(r['align_discrimination_random_k'])})",
-             r["seg_dice"], r["zero_shot_auroc"], r["retrieval_r5"]] for r in rows]
+             r["align_position_share"], r["seg_dice"], r["zero_shot_auroc"], r["retrieval_r5"]] for r in rows]
     r5 = [v["results"].get("retrieval", {}).get("chance", {}).get("5") for v in summary["variants"].values()]
     r5 = next((c for c in r5 if c is not None), None)
     header[-1] += f" ({fmt(r5)})" if r5 is not None else ""

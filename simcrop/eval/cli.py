@@ -70,6 +70,8 @@ def add_grounding_args(p) -> None:
     g.add_argument("--inside-threshold", type=float, default=0.5, help="share of a patch's voxels in the region")
     g.add_argument("--figures", type=int, default=8, help="cases drawn as PNG")
     g.add_argument("--max-cases", type=int, default=0, help="evaluate only the first N test cases (0 = all)")
+    g.add_argument("--split", default="valid", choices=("valid", "train"),
+                   help="cases to ground (train: a diagnostic on the pre-training cases)")
     g.add_argument("--diagnose", type=int, default=0, metavar="DRAWS",
                    help="also check L_align under training conditions with DRAWS random masks per case (align map)")
     g.add_argument("--map", default="align", choices=("align", "fusion"),
@@ -262,7 +264,7 @@ def run_grounding(args, log=print) -> dict:
     elif not s.cfg.model.use_mlm:
         raise EvalError("grounding --map fusion needs the fusion layer, but this checkpoint was trained without L_MLM")
     task = "grounding" if args.map == "align" else "grounding-fusion"
-    cases = read_grounding_cases(s.root, "valid", args.regions or None, args.max_cases)
+    cases = read_grounding_cases(s.root, args.split, args.regions or None, args.max_cases)
     res = G.run_grounding(s.model, s.text, cases, s.device, args.topk or None, args.inside_threshold, args.figures,
                           s.out / task, log, args.map)
     if args.diagnose and args.map == "align":
@@ -271,11 +273,13 @@ def run_grounding(args, log=print) -> dict:
         log(f"  L_align diagnostic: within-CT discrimination {d['discrimination_topk']:.3f} (random-K "
             f"{d['discrimination_random_k']:.3f}, chance {d['discrimination_chance']:.3f}); masked top-K share lesion "
             f"{d['masked_lesion_share']:.3f}/{d['masked_lesion_chance']:.3f}, normal "
-            f"{d['masked_normal_share']:.3f}/{d['masked_normal_chance']:.3f}")
+            f"{d['masked_normal_share']:.3f}/{d['masked_normal_chance']:.3f}; position explains "
+            f"{d['position_share']:.3f} of the g_v variance")
     g = res["groups"]
     log("  grounding top-K share / chance: " + ", ".join(
         f"{k} {b['topk_share']['mean']:.3f}/{b['chance']['mean']:.3f} (n={b['n']})" for k, b in g.items()))
-    return s.write(task, res, G.markdown(res, s.title))
+    res["split"] = args.split
+    return s.write(task if args.split == "valid" else f"{task}-{args.split}", res, G.markdown(res, s.title))
 
 
 def run_segment(args, log=print) -> dict:

@@ -113,7 +113,10 @@ def selection_diagnostic(model, text, cases, device, draws: int = 4, inside_thre
       patches per sentence and the chance rate 1 / #sentences. Top-K selection by itself makes a_j resemble
       s_j, so a high value does not imply that the picked patches are the described ones;
     - masked grounding: share of those top-K patches inside the sentence's region beside the region's share of
-      the visible patches (chance), split into lesion / normal sentences.
+      the visible patches (chance), split into lesion / normal sentences;
+    - position share: the share of the variance of the normalised g_v(H_i) of the unmasked volumes that the
+      patch position explains (1 - E|v - mean over cases at that position|^2 / E|v - overall mean|^2): near 1,
+      a sentence can only pick positions, whatever the volume shows.
     """
     from simcrop import ops
 
@@ -121,10 +124,12 @@ def selection_diagnostic(model, text, cases, device, draws: int = 4, inside_thre
     gen = torch.Generator().manual_seed(seed)
     hits, hits_rand, n = 0, 0, 0
     ground = {"lesion": [], "normal": []}
+    unmasked = []
     for case in cases:
         texts = [t.text for t in case.sentences]
         findings = " ".join(texts)
         vol = load_volume(case.item, cfg.img_size)[None].to(device)  # [1, 1, X, Y, Z]
+        unmasked.append(F.normalize(patch_embeddings(model, vol).float(), dim=-1).cpu())  # [N, Dp]
         u, sids, _ = text_token_features(model, text, [findings], cfg.findings_max_len, cfg.max_sentences, device)
         sent, valid = sentence_mean(u, sids, cfg.max_sentences)  # [1, M, Dp], [1, M]
         S = F.normalize(sent[0, valid[0]].float(), dim=-1)  # [m, Dp]
@@ -154,6 +159,9 @@ def selection_diagnostic(model, text, cases, device, draws: int = 4, inside_thre
     out = {"draws": draws, "k": K, "sentences": n,
            "discrimination_topk": hits / max(n, 1), "discrimination_random_k": hits_rand / max(n, 1),
            "discrimination_chance": float(np.mean([1.0 / min(len(c.sentences), cfg.max_sentences) for c in cases]))}
+    V = torch.stack(unmasked)  # [C, N, Dp]
+    total = ((V - V.mean((0, 1))) ** 2).sum(-1).mean()
+    out["position_share"] = float(1 - ((V - V.mean(0)) ** 2).sum(-1).mean() / total) if len(V) > 1 else float("nan")
     for grp, vals in ground.items():
         out[f"masked_{grp}_share"] = float(np.mean([v[0] for v in vals])) if vals else float("nan")
         out[f"masked_{grp}_chance"] = float(np.mean([v[1] for v in vals])) if vals else float("nan")
@@ -280,7 +288,7 @@ def markdown(res: dict, title: str) -> str:
             "the fusion layer's word-patch cross-attention (mean over heads and the sentence's tokens)")
     return "\n\n".join([
         f"# Sentence grounding — {title}",
-        f"{res['n_cases']} test cases; {what} over all patches of the unmasked "
+        f"{res['n_cases']} {'test' if res.get('split', 'valid') == 'valid' else res['split'] + ' (pre-training)'} cases; {what} over all patches of the unmasked "
         f"volume; a patch is in the region when >= {res['inside_threshold']:g} of its voxels are (regions too small "
         f"for that: when it holds region voxels). Chance = the region's share of patches (for the top-K share and "
         f"for the pointing hit alike); patch AUROC chance = 0.5. ± = standard error over sentences. "
@@ -306,6 +314,7 @@ def _diagnostic_md(d: dict | None) -> str:
              f"random K patches {fmt(d['discrimination_random_k'])}, chance {fmt(d['discrimination_chance'])}"],
             ["lesion sentences: top-K share in region", d["masked_lesion_share"], f"chance {fmt(d['masked_lesion_chance'])}"],
             ["normal sentences: top-K share in region", d["masked_normal_share"], f"chance {fmt(d['masked_normal_chance'])}"],
+            ["share of g_v variance explained by patch position", d.get("position_share"), "0 = content only"],
         ]),
         "Top-K selection by itself makes the pooled patches resemble their sentence, so discrimination well above "
         "the random-K value with region shares at chance means the within-CT InfoNCE is being met without "

@@ -8,7 +8,7 @@ which is used for nothing else (the authors' validation and test lists were the 
 Features are standardised per dimension with the mean / std of the train split's features (unlabelled
 statistics, as MAE's BatchNorm-without-affine before its linear probe): the pooled tokens of a small model vary
 by a few percent of their magnitude across volumes, which a LayerNorm alone does not rescale (measured on the
-ablation's checkpoints at 100 % labels: test macro AUROC 0.46-0.55 without, 0.62-0.63 with). `standardize=False` gives the
+ablation's checkpoints at 100 % labels: test macro AUROC 0.46-0.59 without, 0.62-0.64 with). `standardize=False` gives the
 bare LayerNorm -> Linear. Loss: BCE (multi-label) or CE (multi-class). Metrics: macro AUROC, macro F1 (threshold 0.5 / argmax),
 accuracy (multi-label: share of correct label decisions, plus exact match).
 """

@@ -135,3 +135,47 @@ def test_errors_are_one_line(tiny_checkpoint, eval_data, eval_cache, tmp_path, c
     assert "no per-sentence ground-truth regions" in last_line(capsys)
     assert run("segment", tiny_checkpoint, bare, eval_cache, tmp_path / "o", "--steps", "1") == 2
     assert "segmentation needs synthetic data or --pairs" in last_line(capsys)
+
+
+def test_grounding_with_user_masks_matches_the_synthetic_format(tiny_checkpoint, eval_data, eval_cache, tmp_path):
+    """Regions given as mask NIfTIs (the documented user format) score exactly as the synthetic ground truth."""
+    import nibabel as nib
+    import numpy as np
+
+    from simcrop.data.synthetic import region_mask
+
+    gt = eval_data / "dataset" / "synthetic_ground_truth"
+    rec = json.loads((gt / "valid_sentences.jsonl").read_text().splitlines()[0])
+    name = rec["VolumeName"]
+    anat, les = (nib.load(str(gt / "valid" / f"{name}_{k}.nii.gz")) for k in ("anatomy", "lesions"))
+    sentences = []
+    (tmp_path / "masks").mkdir()
+    for j, s in enumerate(rec["sentences"]):
+        mask = region_mask(np.asarray(anat.dataobj), np.asarray(les.dataobj), s).astype(np.uint8)
+        nib.save(nib.Nifti1Image(mask, anat.affine), tmp_path / "masks" / f"s{j}.nii.gz")
+        sentences.append({"text": s["text"], "finding": s["finding"], "mask": f"masks/s{j}.nii.gz"})
+    (tmp_path / "regions.jsonl").write_text(json.dumps({"VolumeName": name, "sentences": sentences}) + "\n")
+    mine, synth = tmp_path / "mine", tmp_path / "synth"
+    assert run("grounding", tiny_checkpoint, eval_data, eval_cache, mine, "--regions", str(tmp_path / "regions.jsonl"),
+               "--figures", "0") == 0
+    assert run("grounding", tiny_checkpoint, eval_data, eval_cache, synth, "--max-cases", "1", "--figures", "0") == 0
+    a, b = results(mine, "grounding")["sentences"], results(synth, "grounding")["sentences"]
+    assert a == b and len(a) == len(rec["sentences"])
+
+
+def test_linear_probe_multiclass_from_a_user_csv(tiny_checkpoint, eval_data, eval_cache, tmp_path):
+    import csv
+
+    for split in ("train", "valid"):
+        rows = list(csv.DictReader(open(eval_data / "dataset" / "synthetic_ground_truth" / f"{split}_labels.csv")))
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["VolumeName", "grade"])
+            for i, r in enumerate(rows):
+                w.writerow([r["VolumeName"], ["low", "high"][i % 2]])
+    out = tmp_path / "lp"
+    assert run("linear-probe", tiny_checkpoint, eval_data, eval_cache, out, "--labels", str(tmp_path / "{split}.csv"),
+               "--label-column", "grade", "--fractions", "1", "--epochs", "2", "--eval-every", "1") == 0
+    r = results(out, "linear-probe")
+    assert r["kind"] == "multiclass" and r["classes"] == ["high", "low"]
+    assert 0 <= r["fractions"]["1"]["accuracy"] <= 1
