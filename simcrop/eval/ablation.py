@@ -54,6 +54,7 @@ def add_ablation_args(p) -> None:
     p.add_argument("--seg-lr", type=float, default=1e-3,
                    help="UNETR learning rate (higher than segment's default: a short budget)")
     p.add_argument("--seg-feature-size", type=int, default=16, help="UNETR feature size")
+    p.add_argument("--seg-seeds", default="0,1", help="decoder seeds (the table shows their mean)")
     p.add_argument("--seg-target", default="lesions", choices=("lesions", "findings", "anatomy"),
                    help="segmentation labels (see segment --help)")
     p.add_argument("--seg-max-test", type=int, default=0, help="segmentation test volumes (0 = all)")
@@ -131,7 +132,6 @@ def pretrain(variant: str, args, root: Path, work: Path, log) -> tuple[Path, flo
 
 def _evaluate(variant: str, ckpt: Path, args, root: Path, work: Path, log) -> dict:
     from simcrop.eval.cli import main as eval_main
-    from simcrop.eval.features import has_heads
 
     out = work / variant / "eval"
     common = ["--checkpoint", str(ckpt), "--data", str(root), "--out", str(out), "--device", args.device]
@@ -150,16 +150,22 @@ def _evaluate(variant: str, ckpt: Path, args, root: Path, work: Path, log) -> di
     if has_align and "zeroshot" not in skip:
         jobs += [("zero-shot", []), ("retrieval", [])]
     if "segment" not in skip:
-        jobs.append(("segment", ["--steps", str(args.seg_steps), "--target", args.seg_target, "--max-test",
-                                 str(args.seg_max_test), "--lr", str(args.seg_lr), "--feature-size",
-                                 str(args.seg_feature_size)]))
+        for seed in [int(v) for v in args.seg_seeds.split(",") if v.strip()]:
+            jobs.append(("segment" if seed == 0 else f"segment-seed{seed}",
+                         ["--steps", str(args.seg_steps), "--target", args.seg_target, "--max-test",
+                          str(args.seg_max_test), "--lr", str(args.seg_lr), "--feature-size",
+                          str(args.seg_feature_size), "--seg-seed", str(seed)]))
     results = {}
     for task, extra in jobs:
-        path = out / f"{task}.json"
+        # seed s > 0 of the segmentation goes to its own folder (the CLI names its files after the task)
+        task_out = out if not task.startswith("segment-seed") else work / variant / f"eval_seg_seed{task[12:]}"
+        path = task_out / f"{task.split('-seed')[0]}.json"
         if not path.is_file():
             log(f"[{variant}] {task}")
             t0 = time.perf_counter()
-            if eval_main([task.split("-fusion")[0], *common, *extra]) != 0:
+            argv = [task.split("-fusion")[0].split("-seed")[0], *common, *extra]
+            argv[argv.index("--out") + 1] = str(task_out)
+            if eval_main(argv) != 0:
                 raise EvalError(f"{task} of variant {variant} failed (see the message above)")
             data = json.loads(path.read_text())
             data["seconds"] = time.perf_counter() - t0
@@ -176,10 +182,19 @@ def _g(d, *keys):
     return d
 
 
+def _seg_values(results: dict, key: str) -> list[float]:
+    return [v[key] for k, v in sorted(results.items()) if k.startswith("segment") and v.get(key) is not None]
+
+
+def _seg_mean(results: dict, key: str):
+    vals = _seg_values(results, key)
+    return sum(vals) / len(vals) if vals else None
+
+
 def table_rows(summary: dict) -> list[dict]:
     rows = []
     for v, r in summary["variants"].items():
-        lp, gr, sg = r["results"].get("linear-probe"), r["results"].get("grounding"), r["results"].get("segment")
+        lp, gr = r["results"].get("linear-probe"), r["results"].get("grounding")
         gf = r["results"].get("grounding-fusion")
         zs, rt = r["results"].get("zero-shot"), r["results"].get("retrieval")
         rows.append({
@@ -201,7 +216,9 @@ def table_rows(summary: dict) -> list[dict]:
             "align_discrimination": _g(gr, "diagnostic", "discrimination_topk"),
             "align_discrimination_random_k": _g(gr, "diagnostic", "discrimination_random_k"),
             "align_position_share": _g(gr, "diagnostic", "position_share"),
-            "seg_dice": _g(sg, "dice"), "zero_shot_auroc": _g(zs, "auroc"),
+            "seg_dice": _seg_mean(r["results"], "dice"), "seg_dice_pooled": _seg_mean(r["results"], "dice_pooled"),
+            "seg_dice_per_seed": "/".join(f"{x:.3f}" for x in _seg_values(r["results"], "dice")),
+            "zero_shot_auroc": _g(zs, "auroc"),
             "retrieval_r5": _g(rt, "report_to_volume", "5"),
         })
     return rows
@@ -236,19 +253,22 @@ def write_table(summary: dict, out: Path) -> None:
               f"align: lesion top-K share (chance {cl})", f"lesion hit ({cl})",
               f"normal top-K share ({cn})", f"normal hit ({cn})", "patch AUROC (0.5)",
               f"fusion attn: lesion top-K share ({cl})", f"normal top-K share ({cn})", "patch AUROC (0.5)",
-              "L_align sentence discrimination (random-K)", "g_v variance from position", "seg Dice", "zero-shot AUROC (0.5)", "R@5 report→vol"]
+              "L_align sentence discrimination (random-K)", "g_v variance from position",
+              "seg Dice (per seed; pooled voxels)", "zero-shot AUROC (0.5)", "R@5 report→vol"]
     body = [[r["variant"], f"{r['losses']}, {r['pretrain_s']:.0f} s", r["probe_auroc_1"], r["probe_auroc_10"],
              r["probe_auroc_100"], r["probe_f1_100"], r["ground_lesion_share"], r["ground_lesion_hit"],
              r["ground_normal_share"], r["ground_normal_hit"], r["ground_patch_auroc"], r["fusion_lesion_share"],
              r["fusion_normal_share"], r["fusion_patch_auroc"],
              "n/a" if r["align_discrimination"] is None else
              f"{fmt(r['align_discrimination'])} ({fmt(r['align_discrimination_random_k'])})",
-             r["align_position_share"], r["seg_dice"], r["zero_shot_auroc"], r["retrieval_r5"]] for r in rows]
+             r["align_position_share"], "n/a" if r["seg_dice"] is None else
+             f"{fmt(r['seg_dice'])} ({r['seg_dice_per_seed']}; {fmt(r['seg_dice_pooled'])})", r["zero_shot_auroc"], r["retrieval_r5"]] for r in rows]
     r5 = [v["results"].get("retrieval", {}).get("chance", {}).get("5") for v in summary["variants"].values()]
     r5 = next((c for c in r5 if c is not None), None)
     header[-1] += f" ({fmt(r5)})" if r5 is not None else ""
     recorded = sum(v["pretrain_s"] for v in summary["variants"].values()) + sum(
-        t.get("seconds", 0.0) for v in summary["variants"].values() for t in v["results"].values())
+        t.get("seconds", t.get("train_s", 0.0) + t.get("eval_s", 0.0)) for v in summary["variants"].values()
+        for t in v["results"].values())
     s = summary["settings"]
     md = "\n\n".join([
         "# Ablation (generated by `python -m simcrop.eval ablation`)",
@@ -303,8 +323,12 @@ def draw_chart(rows: list[dict], path: Path) -> None:
     ax.set_title("grounding: top-K share in region (black: chance)")
     ax.legend(fontsize=7)
     ax = axes[2]
-    ax.bar(x, [r["seg_dice"] or 0 for r in rows], 0.5, color="C2")
-    ax.set_title("segmentation: mean Dice (UNETR)")
+    ax.bar(x, [r["seg_dice"] or 0 for r in rows], 0.5, color="C2", label="mean over decoder seeds")
+    for j, r in enumerate(rows):
+        seeds = [float(v) for v in r["seg_dice_per_seed"].split("/") if v]
+        ax.plot([x[j]] * len(seeds), seeds, "ko", ms=4, label="one seed" if j == 0 else None)
+    ax.set_title("segmentation: mean Dice per case (UNETR)")
+    ax.legend(fontsize=7)
     for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(names, fontsize=9)

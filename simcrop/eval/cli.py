@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from simcrop.eval.loader import EvalError, checkpoint_fingerprint, default_cache_dir, load_pretrained, resolve_checkpoint
