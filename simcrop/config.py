@@ -39,6 +39,9 @@ class ModelConfig:
     proj_dim: int = 768  # output of the feature heads g_v, g_t
     topk: int = 32  # K patches per sentence (inferred); a batch may carry a per-sentence K <= topk
     tau: float = 0.07
+    # extension, not in the paper (docs/method.md "Sentence-volume contrast"): each sentence also contrasts its own
+    # CT's top-K pool with the top-K pools IT selects in the other CTs of the (per-device) batch; 0 = SPEC's L_align
+    w_align_volume: float = 0.0
     # masked report modelling (L_MLM) through the cross-granularity fusion layer
     text_encoder: str = "minilm"  # frozen: 'minilm' (offline all-MiniLM-L6-v2), 'tiny-bert', a path or hub name
     trust_remote_code: bool = False  # for hub text encoders that need it (CXR-BERT)
@@ -264,6 +267,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"kernels must be auto, fused or reference, got {m.kernels!r}")
     if not (m.use_mim or m.use_mlm or m.use_align):
         raise ConfigError("every loss is switched off (use_mim, use_mlm, use_align): nothing to train")
+    if m.w_align_volume < 0:
+        raise ConfigError(f"w_align_volume must be >= 0, got {m.w_align_volume}")
     if m.tau <= 0:
         raise ConfigError(f"tau must be > 0, got {m.tau}")
     if d.batch_size < 1 or t.accum_steps < 1 or t.steps < 1:

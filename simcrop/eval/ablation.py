@@ -7,6 +7,7 @@ Variants (all the tiny preset, same seed, data, steps and schedule; `simcrop.tra
   mim      L_MIM only                 (--no-use-mlm --no-use-align)
   mim_mlm  L_MIM + L_MLM              (--no-use-align)
   full     SimCroP: L_MIM + L_MLM + L_align
+  full_xct SimCroP + the sentence-volume contrast (--w-align-volume 1; an extension, docs/method.md)
   (optional: mim_align --no-use-mlm, align --no-use-mim --no-use-mlm)
 Each is evaluated on the held-out split by the CLI tasks: linear probe (1/10/100 %), grounding (needs the
 alignment heads: random and full only; random heads = a measured chance baseline), segmentation (UNETR,
@@ -34,8 +35,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mim_align": ("MIM + align", ["--no-use-mlm"]),
     "align": ("align", ["--no-use-mim", "--no-use-mlm"]),
     "full": ("MIM + MLM + align (SimCroP)", []),
+    "full_xct": ("SimCroP + sentence-volume term", ["--w-align-volume", "1"]),
 }
-DEFAULT_VARIANTS = ("random", "mim", "mim_mlm", "full")
+DEFAULT_VARIANTS = ("random", "mim", "mim_mlm", "full", "full_xct")
 
 
 def add_ablation_args(p) -> None:
@@ -208,6 +210,8 @@ def table_rows(summary: dict) -> list[dict]:
             "ground_normal_chance": _g(gr or gf, "groups", "normal", "chance", "mean"),
             "ground_normal_hit": _g(gr, "groups", "normal", "hit", "mean"),
             "ground_patch_auroc": _g(gr, "groups", "all", "patch_auroc", "mean"),
+            "ground_background_share": _g(gr, "groups", "all", "background_share", "mean"),
+            "ground_background_chance": _g(gr, "groups", "all", "background_chance", "mean"),
             "fusion_lesion_share": _g(gf, "groups", "lesion", "topk_share", "mean"),
             "fusion_lesion_hit": _g(gf, "groups", "lesion", "hit", "mean"),
             "fusion_normal_share": _g(gf, "groups", "normal", "topk_share", "mean"),
@@ -252,12 +256,14 @@ def write_table(summary: dict, out: Path) -> None:
     header = ["variant", "pre-training", "probe AUROC 1%", "10%", "100%", "probe F1 100%",
               f"align: lesion top-K share (chance {cl})", f"lesion hit ({cl})",
               f"normal top-K share ({cn})", f"normal hit ({cn})", "patch AUROC (0.5)",
+              f"top-K share in background ({chance('ground_background_chance')})",
               f"fusion attn: lesion top-K share ({cl})", f"normal top-K share ({cn})", "patch AUROC (0.5)",
               "L_align sentence discrimination (random-K)", "g_v variance from position",
               "seg Dice (per seed; pooled voxels)", "zero-shot AUROC (0.5)", "R@5 report→vol"]
     body = [[r["variant"], f"{r['losses']}, {r['pretrain_s']:.0f} s", r["probe_auroc_1"], r["probe_auroc_10"],
              r["probe_auroc_100"], r["probe_f1_100"], r["ground_lesion_share"], r["ground_lesion_hit"],
-             r["ground_normal_share"], r["ground_normal_hit"], r["ground_patch_auroc"], r["fusion_lesion_share"],
+             r["ground_normal_share"], r["ground_normal_hit"], r["ground_patch_auroc"], r["ground_background_share"],
+             r["fusion_lesion_share"],
              r["fusion_normal_share"], r["fusion_patch_auroc"],
              "n/a" if r["align_discrimination"] is None else
              f"{fmt(r['align_discrimination'])} ({fmt(r['align_discrimination_random_k'])})",

@@ -11,6 +11,9 @@ for inside vs outside patches (chance 0.5). A patch is inside when >= `inside_th
 are in the region; a region that fills no patch that far (most lesions: a tiny-preset patch is 64 x 64 x 64 mm
 of the synthetic data) uses "the patch holds region voxels" instead; the rule used is recorded per sentence.
 Results split by sentence type: 'lesion' (a finding) vs 'normal' (a normal-anatomy sentence).
+Also per sentence: the share of its top-K patches that are BACKGROUND (>= half their voxels at or below
+BACKGROUND_HU, i.e. air outside the body) beside the background's share of the patches: a map that prefers
+empty space shows up there.
 map 'fusion' (checkpoints trained with L_MLM) scores the masked-report branch's word-patch cross-attention
 instead of the aligned-space similarity (fusion_attention_map), so MLM-only variants can be compared too.
 """
@@ -74,6 +77,14 @@ def fusion_attention_map(model, text, volume: torch.Tensor, findings: str, devic
 
 MAPS = {"align": sentence_patch_similarity, "fusion": fusion_attention_map}
 
+BACKGROUND_HU = -990.0  # air outside the body is -1000 HU; lung parenchyma sits near -850
+
+
+def background_patches(volume: torch.Tensor, patch_size) -> np.ndarray:
+    """volume [1, X, Y, Z] in [-1, 1] (HU / 1000) -> [N] bool: >= half of the patch's voxels are background."""
+    air = (volume[0] <= BACKGROUND_HU / 1000.0).numpy()
+    return patch_fractions(air, air.shape, patch_size) >= 0.5
+
 
 def evaluate_case(model, text, case, device, topk: int, inside_threshold: float = 0.5, map_name: str = "align"):
     """One GroundingCase -> (records, volume [X, Y, Z] numpy, per-sentence details for pictures)."""
@@ -84,6 +95,7 @@ def evaluate_case(model, text, case, device, topk: int, inside_threshold: float 
         raise ValueError(f"{case.item.name}: its sentences do not split back from the joined findings")
     volume = load_volume(case.item, cfg.img_size)  # [1, X, Y, Z]
     sim = MAPS[map_name](model, text, volume[None], findings, device)  # [M_kept, N]
+    background = background_patches(volume, cfg.patch_size)  # [N]
     records, details = [], []
     for j, sent in enumerate(case.sentences[: sim.shape[0]]):  # sentences past max_sentences / max_len: dropped
         frac = patch_fractions(sent.mask, cfg.img_size, cfg.patch_size)
@@ -94,10 +106,13 @@ def evaluate_case(model, text, case, device, topk: int, inside_threshold: float 
             records.append({**rec, "skipped": "region outside the crop"})
             continue
         scores = M.grounding_scores(sim[j].numpy(), inside, topk)
+        top = np.argsort(-sim[j].numpy(), kind="stable")[: scores["k"]]
+        scores["background_share"] = float(background[top].mean())
+        scores["background_chance"] = float(background.mean())
         records.append({**rec, **scores})
         details.append({"text": sent.text, "sim": sim[j].numpy(), "inside": inside,
                         "mask": center_crop_zero(sent.mask, cfg.img_size), "scores": scores,
-                        "top": np.argsort(-sim[j].numpy(), kind="stable")[: scores["k"]]})
+                        "top": top})
     return records, volume[0].numpy(), details
 
 
@@ -174,7 +189,7 @@ def aggregate(records: list[dict]) -> dict:
 
     def block(rs):
         out = {"n": len(rs)}
-        for key in ("topk_share", "hit", "chance", "patch_auroc"):
+        for key in ("topk_share", "hit", "chance", "patch_auroc", "background_share", "background_chance"):
             out[key] = M.summarize(r[key] for r in rs)
         share, chance = out["topk_share"]["mean"], out["chance"]["mean"]
         out["lift"] = share / chance if rs and chance > 0 else float("nan")
@@ -280,10 +295,11 @@ def markdown(res: dict, title: str) -> str:
     def row(name, b):
         return [name, b["n"], f"{fmt(b['topk_share']['mean'])} ± {fmt(b['topk_share']['sem'])}",
                 fmt(b["hit"]["mean"]), fmt(b["chance"]["mean"]), fmt(b["lift"]),
-                f"{fmt(b['patch_auroc']['mean'])}", f"{b['rules']['half']}/{b['rules']['any']}"]
+                f"{fmt(b['patch_auroc']['mean'])}", f"{b['rules']['half']}/{b['rules']['any']}",
+                f"{fmt(b['background_share']['mean'])} / {fmt(b['background_chance']['mean'])}"]
 
     header = ["sentences", "n", f"top-{res['k']} share in region", "pointing hit", "chance (region share)",
-              "share / chance", "patch AUROC", "rule half/any"]
+              "share / chance", "patch AUROC", "rule half/any", "top-K share in background / background share"]
     what = ("similarity cos(g_t sentence, g_v patch)" if res.get("map", "align") == "align" else
             "the fusion layer's word-patch cross-attention (mean over heads and the sentence's tokens)")
     return "\n\n".join([
@@ -291,7 +307,8 @@ def markdown(res: dict, title: str) -> str:
         f"{res['n_cases']} {'test' if res.get('split', 'valid') == 'valid' else res['split'] + ' (pre-training)'} cases; {what} over all patches of the unmasked "
         f"volume; a patch is in the region when >= {res['inside_threshold']:g} of its voxels are (regions too small "
         f"for that: when it holds region voxels). Chance = the region's share of patches (for the top-K share and "
-        f"for the pointing hit alike); patch AUROC chance = 0.5. ± = standard error over sentences. "
+        f"for the pointing hit alike); patch AUROC chance = 0.5. ± = standard error over sentences. Background: patches at least half "
+        f"air outside the body (<= {BACKGROUND_HU:g} HU); a map that prefers empty space picks them above their share. "
         f"Skipped (region outside the crop): {res['skipped']}.",
         md_table(header, [row(g, b) for g, b in res["groups"].items()]),
         "By finding:",

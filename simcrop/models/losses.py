@@ -28,6 +28,36 @@ def sentence_infonce(s: torch.Tensor, a: torch.Tensor, valid: torch.Tensor, tau:
     return (ce_s2a.sum() + ce_a2s.sum()) / n
 
 
+def sentence_volume_infonce(
+    v: torch.Tensor, s: torch.Tensor, valid: torch.Tensor, k: int, k_per_sentence, tau: float, backend: str = "auto"
+) -> torch.Tensor:
+    """Sentence -> volume InfoNCE through each sentence's own top-K selection (extension, docs/method.md).
+
+    v [B, N, D] visible patch features, s [B, M, D] sentences, valid [B, M], k_per_sentence [B, M] or None.
+    a[b, c, j] = mean of the top-K patches of CT c by cos(s_bj, v_ci) (simcrop.ops.topk_align over all B x B pairs);
+    logits[b, j, c] = cos(s_bj, a[b, c, j]) / tau;  L = mean over valid (b, j) of CE(logits[b, j, :], b).
+    A constant sentence -> position map scores the same on every CT, so only patch CONTENT can win this term.
+    Returns a float32 scalar (0 when B == 1 or no sentence is valid). Memory: B^2 x N x D for the paired patches.
+    """
+    from simcrop import ops
+
+    B, N, D = v.shape
+    M = s.shape[1]
+    v_pairs = v.unsqueeze(0).expand(B, B, N, D).reshape(B * B, N, D)  # pair (b, c) -> v[c]
+    s_pairs = s.unsqueeze(1).expand(B, B, M, D).reshape(B * B, M, D)  # pair (b, c) -> s[b]
+    valid_pairs = valid.unsqueeze(1).expand(B, B, M).reshape(B * B, M)
+    k_pairs = None
+    if k_per_sentence is not None:
+        k_pairs = k_per_sentence.unsqueeze(1).expand(B, B, M).reshape(B * B, M)
+    a, _, _ = ops.topk_align(v_pairs, s_pairs, valid_pairs, k, k_pairs, backend=backend)  # [B*B, M, D]
+    a = l2_normalize(a.float()).view(B, B, M, D)  # [b, c, j]
+    logits = torch.einsum("bjd,bcjd->bjc", l2_normalize(s.float()), a) / tau  # [B, M, B]
+    own = torch.arange(B, device=v.device)
+    pos = logits[own, :, own]  # [B, M]: CT b's own pool for its sentences
+    ce = torch.where(valid, torch.logsumexp(logits, dim=2) - pos, torch.zeros_like(pos))
+    return ce.sum() / valid.sum().clamp_min(1)
+
+
 def mlm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V], targets [B, T] (-100 = ignore) -> mean CE over the counted positions (float32)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

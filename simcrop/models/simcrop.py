@@ -24,7 +24,7 @@ import torch.nn as nn
 from simcrop import ops
 from simcrop.config import ModelConfig
 from simcrop.models.fusion import CrossGranularityFusion, TextDecoder
-from simcrop.models.losses import mlm_cross_entropy, select_label_positions, sentence_infonce
+from simcrop.models.losses import mlm_cross_entropy, select_label_positions, sentence_infonce, sentence_volume_infonce
 from simcrop.models.text import sentence_mean
 from simcrop.models.vit3d import MIMDecoder, ViT3DEncoder
 
@@ -97,7 +97,12 @@ class SimCroP(nn.Module):
         u = self.head_t(findings_feats)  # [B, Lf, Dp]
         s, valid = sentence_mean(u, sentence_ids, self.cfg.max_sentences)  # [B, M, Dp], [B, M]
         a, _, _ = ops.topk_align(v, s, valid, self.cfg.topk, k_per_sentence, backend=self.cfg.kernels)
-        return sentence_infonce(s, a, valid, self.cfg.tau)
+        loss = sentence_infonce(s, a, valid, self.cfg.tau)
+        if self.cfg.w_align_volume > 0:
+            loss = loss + self.cfg.w_align_volume * sentence_volume_infonce(
+                v, s, valid, self.cfg.topk, k_per_sentence, self.cfg.tau, self.cfg.kernels
+            )
+        return loss
 
     def mlm(self, h_vis, report_feats, report_mask, mlm_labels):
         q0 = self.head_q(report_feats)  # [B, Lr, Df]

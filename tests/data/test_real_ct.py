@@ -25,7 +25,8 @@ FILES = ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd", "lung2_labe
 
 def _cache() -> Path:
     env = os.environ.get("SIMCROP_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "simcrop") / "pyradiomics-3.0.1"
+    # absolute: the manifests written below name these files, and relative manifest paths mean "beside the manifest"
+    return ((Path(env).expanduser() if env else Path.home() / ".cache" / "simcrop") / "pyradiomics-3.0.1").resolve()
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,15 @@ def test_stratified_subset_covers_every_class():
     yc = np.repeat([0, 1, 2], [90, 9, 1])
     sub = stratified_subset(yc, 0.1, np.random.default_rng(2))
     assert set(yc[sub]) == {0, 1, 2} and 10 <= len(sub) <= 11
+
+
+def test_background_patches_are_those_mostly_air_outside_the_body():
+    from simcrop.eval.grounding import BACKGROUND_HU, background_patches
+
+    vol = torch.zeros(1, 8, 4, 4)  # soft tissue (0 HU), patches of 2 x 4 x 4 -> 4 patches along x
+    vol[0, :2] = -1.0  # patch 0: outside air (-1000 HU)
+    vol[0, 2:4, :, :2] = -1.0  # patch 1: half air -> background (>= half)
+    vol[0, 4:6, :, :1] = -1.0  # patch 2: a quarter air -> not background
+    vol[0, 6:] = -0.85  # patch 3: lung parenchyma (-850 HU) is not background
+    assert background_patches(vol, (2, 4, 4)).tolist() == [True, True, False, False]
+    assert BACKGROUND_HU > -1000 and BACKGROUND_HU < -850

@@ -224,7 +224,8 @@ def test_cpu_needs_the_interpreter(monkeypatch):
     torch.testing.assert_close(a, R.topk_align(v, s, mask, 2)[0])
 
 
-def test_tiny_model_loss_and_gradients_fused_equal_reference(triton_device, monkeypatch):
+@pytest.mark.parametrize("w_align_volume", [0.0, 1.0], ids=["spec-align", "with-sentence-volume-term"])
+def test_tiny_model_loss_and_gradients_fused_equal_reference(triton_device, monkeypatch, w_align_volume):
     """The tiny SimCroP with kernels='fused' vs 'reference', same seed and batch. Only the two Triton ops differ
     between the runs: every other op (the C++ ones, registered or not) is pinned to the reference by wrapping its
     simcrop.ops entry point, which the model calls by attribute."""
@@ -243,7 +244,7 @@ def test_tiny_model_loss_and_gradients_fused_equal_reference(triton_device, monk
 
     def run(kernels):
         torch.manual_seed(0)
-        model = SimCroP(make_config("tiny", kernels=kernels).model, text_hidden=64, vocab_size=500).to(triton_device)
+        model = SimCroP(make_config("tiny", kernels=kernels, w_align_volume=w_align_volume).model, text_hidden=64, vocab_size=500).to(triton_device)
         batch = tiny_batch(model, triton_device)
         torch.manual_seed(1)  # same dropout masks in both runs
         out = model(batch)
