@@ -210,11 +210,13 @@ def table_rows(summary: dict) -> list[dict]:
             "ground_normal_chance": _g(gr or gf, "groups", "normal", "chance", "mean"),
             "ground_normal_hit": _g(gr, "groups", "normal", "hit", "mean"),
             "ground_patch_auroc": _g(gr, "groups", "all", "patch_auroc", "mean"),
+            "ground_normal_control": _g(gr, "groups", "normal", "control_share", "mean"),
             "ground_background_share": _g(gr, "groups", "all", "background_share", "mean"),
             "ground_background_chance": _g(gr, "groups", "all", "background_chance", "mean"),
             "fusion_lesion_share": _g(gf, "groups", "lesion", "topk_share", "mean"),
             "fusion_lesion_hit": _g(gf, "groups", "lesion", "hit", "mean"),
             "fusion_normal_share": _g(gf, "groups", "normal", "topk_share", "mean"),
+            "fusion_normal_control": _g(gf, "groups", "normal", "control_share", "mean"),
             "fusion_normal_hit": _g(gf, "groups", "normal", "hit", "mean"),
             "fusion_patch_auroc": _g(gf, "groups", "all", "patch_auroc", "mean"),
             "align_discrimination": _g(gr, "diagnostic", "discrimination_topk"),
@@ -255,16 +257,17 @@ def write_table(summary: dict, out: Path) -> None:
     cl, cn = chance("ground_lesion_chance"), chance("ground_normal_chance")
     header = ["variant", "pre-training", "probe AUROC 1%", "10%", "100%", "probe F1 100%",
               f"align: lesion top-K share (chance {cl})", f"lesion hit ({cl})",
-              f"normal top-K share ({cn})", f"normal hit ({cn})", "patch AUROC (0.5)",
+              f"normal top-K share ({cn})", f"normal hit ({cn})", "normal: CT-mean map (control)", "patch AUROC (0.5)",
               f"top-K share in background ({chance('ground_background_chance')})",
-              f"fusion attn: lesion top-K share ({cl})", f"normal top-K share ({cn})", "patch AUROC (0.5)",
+              f"fusion attn: lesion top-K share ({cl})", f"normal top-K share ({cn})", "normal: CT-mean map (control)",
+              "patch AUROC (0.5)",
               "L_align sentence discrimination (random-K)", "g_v variance from position",
               "seg Dice (per seed; pooled voxels)", "zero-shot AUROC (0.5)", "R@5 report→vol"]
     body = [[r["variant"], f"{r['losses']}, {r['pretrain_s']:.0f} s", r["probe_auroc_1"], r["probe_auroc_10"],
              r["probe_auroc_100"], r["probe_f1_100"], r["ground_lesion_share"], r["ground_lesion_hit"],
-             r["ground_normal_share"], r["ground_normal_hit"], r["ground_patch_auroc"], r["ground_background_share"],
-             r["fusion_lesion_share"],
-             r["fusion_normal_share"], r["fusion_patch_auroc"],
+             r["ground_normal_share"], r["ground_normal_hit"], r["ground_normal_control"], r["ground_patch_auroc"],
+             r["ground_background_share"], r["fusion_lesion_share"], r["fusion_normal_share"],
+             r["fusion_normal_control"], r["fusion_patch_auroc"],
              "n/a" if r["align_discrimination"] is None else
              f"{fmt(r['align_discrimination'])} ({fmt(r['align_discrimination_random_k'])})",
              r["align_position_share"], "n/a" if r["seg_dice"] is None else
@@ -284,7 +287,8 @@ def write_table(summary: dict, out: Path) -> None:
         f"produced them): {recorded:.0f} s; this invocation: {s['total_s']:.0f} s.",
         md_table(header, body),
         "align: cos(g_t sentence, g_v patch); fusion attn: the masked-report branch's word-patch cross-attention "
-        "(simcrop.eval.grounding). n/a: the variant lacks the part the measure reads (alignment heads g_v / g_t "
+        "(simcrop.eval.grounding). CT-mean map (control): the average of a CT's sentence maps scored against each "
+        "sentence's region; a map that only prefers some anatomy matches it, a sentence-specific map beats it. n/a: the variant lacks the part the measure reads (alignment heads g_v / g_t "
         "for align, zero-shot and retrieval; the fusion layer for fusion attn). Chance rates depend only on the "
         "test sentences and regions, so they are the same for every variant.",
     ])

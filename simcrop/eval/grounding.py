@@ -13,7 +13,9 @@ of the synthetic data) uses "the patch holds region voxels" instead; the rule us
 Results split by sentence type: 'lesion' (a finding) vs 'normal' (a normal-anatomy sentence).
 Also per sentence: the share of its top-K patches that are BACKGROUND (>= half their voxels at or below
 BACKGROUND_HU, i.e. air outside the body) beside the background's share of the patches: a map that prefers
-empty space shows up there.
+empty space shows up there. And a sentence-specificity control: the same scores for the CT's MEAN map (the
+average of its sentences' maps, identical for every sentence of the CT). A map that merely prefers the body, or
+one anatomy, beats the region-share chance for every sentence; grounding means beating this control too.
 map 'fusion' (checkpoints trained with L_MLM) scores the masked-report branch's word-patch cross-attention
 instead of the aligned-space similarity (fusion_attention_map), so MLM-only variants can be compared too.
 """
@@ -86,6 +88,20 @@ def background_patches(volume: torch.Tensor, patch_size) -> np.ndarray:
     return patch_fractions(air, air.shape, patch_size) >= 0.5
 
 
+def sentence_scores(sim_j: np.ndarray, control: np.ndarray, inside: np.ndarray, background: np.ndarray,
+                    k: int) -> dict:
+    """One sentence's map sim_j [N] against its region inside [N] (metrics.grounding_scores), plus the share of
+    its top-k patches in background [N] (beside the background's share) and the CT-mean map control [N]
+    scored against the same region (control_share / control_hit / control_auroc)."""
+    scores = M.grounding_scores(sim_j, inside, k)
+    top = np.argsort(-np.asarray(sim_j, dtype=np.float64), kind="stable")[: scores["k"]]
+    scores["background_share"] = float(background[top].mean())
+    scores["background_chance"] = float(background.mean())
+    ctl = M.grounding_scores(control, inside, k)
+    scores.update(control_share=ctl["topk_share"], control_hit=ctl["hit"], control_auroc=ctl["patch_auroc"])
+    return scores
+
+
 def evaluate_case(model, text, case, device, topk: int, inside_threshold: float = 0.5, map_name: str = "align"):
     """One GroundingCase -> (records, volume [X, Y, Z] numpy, per-sentence details for pictures)."""
     cfg = model.cfg
@@ -96,6 +112,7 @@ def evaluate_case(model, text, case, device, topk: int, inside_threshold: float 
     volume = load_volume(case.item, cfg.img_size)  # [1, X, Y, Z]
     sim = MAPS[map_name](model, text, volume[None], findings, device)  # [M_kept, N]
     background = background_patches(volume, cfg.patch_size)  # [N]
+    control = sim.mean(0).numpy()  # [N] the CT's mean map: the same for all its sentences (specificity control)
     records, details = [], []
     for j, sent in enumerate(case.sentences[: sim.shape[0]]):  # sentences past max_sentences / max_len: dropped
         frac = patch_fractions(sent.mask, cfg.img_size, cfg.patch_size)
@@ -105,10 +122,8 @@ def evaluate_case(model, text, case, device, topk: int, inside_threshold: float 
         if rule == "none":
             records.append({**rec, "skipped": "region outside the crop"})
             continue
-        scores = M.grounding_scores(sim[j].numpy(), inside, topk)
+        scores = sentence_scores(sim[j].numpy(), control, inside, background, topk)
         top = np.argsort(-sim[j].numpy(), kind="stable")[: scores["k"]]
-        scores["background_share"] = float(background[top].mean())
-        scores["background_chance"] = float(background.mean())
         records.append({**rec, **scores})
         details.append({"text": sent.text, "sim": sim[j].numpy(), "inside": inside,
                         "mask": center_crop_zero(sent.mask, cfg.img_size), "scores": scores,
@@ -189,7 +204,8 @@ def aggregate(records: list[dict]) -> dict:
 
     def block(rs):
         out = {"n": len(rs)}
-        for key in ("topk_share", "hit", "chance", "patch_auroc", "background_share", "background_chance"):
+        for key in ("topk_share", "hit", "chance", "patch_auroc", "background_share", "background_chance",
+                    "control_share", "control_hit", "control_auroc"):
             out[key] = M.summarize(r[key] for r in rs)
         share, chance = out["topk_share"]["mean"], out["chance"]["mean"]
         out["lift"] = share / chance if rs and chance > 0 else float("nan")
@@ -296,10 +312,12 @@ def markdown(res: dict, title: str) -> str:
         return [name, b["n"], f"{fmt(b['topk_share']['mean'])} ± {fmt(b['topk_share']['sem'])}",
                 fmt(b["hit"]["mean"]), fmt(b["chance"]["mean"]), fmt(b["lift"]),
                 f"{fmt(b['patch_auroc']['mean'])}", f"{b['rules']['half']}/{b['rules']['any']}",
+                f"{fmt(b['control_share']['mean'])} / {fmt(b['control_hit']['mean'])} / {fmt(b['control_auroc']['mean'])}",
                 f"{fmt(b['background_share']['mean'])} / {fmt(b['background_chance']['mean'])}"]
 
     header = ["sentences", "n", f"top-{res['k']} share in region", "pointing hit", "chance (region share)",
-              "share / chance", "patch AUROC", "rule half/any", "top-K share in background / background share"]
+              "share / chance", "patch AUROC", "rule half/any", "CT-mean map (control): share / hit / AUROC",
+              "top-K share in background / background share"]
     what = ("similarity cos(g_t sentence, g_v patch)" if res.get("map", "align") == "align" else
             "the fusion layer's word-patch cross-attention (mean over heads and the sentence's tokens)")
     return "\n\n".join([
@@ -309,6 +327,8 @@ def markdown(res: dict, title: str) -> str:
         f"for that: when it holds region voxels). Chance = the region's share of patches (for the top-K share and "
         f"for the pointing hit alike); patch AUROC chance = 0.5. ± = standard error over sentences. Background: patches at least half "
         f"air outside the body (<= {BACKGROUND_HU:g} HU); a map that prefers empty space picks them above their share. "
+        f"Control: the CT's mean map over its sentences, scored against each sentence's region; a "
+        f"sentence-specific map beats it. "
         f"Skipped (region outside the crop): {res['skipped']}.",
         md_table(header, [row(g, b) for g, b in res["groups"].items()]),
         "By finding:",

@@ -72,6 +72,7 @@ def test_grounding_writes_scores_and_pictures(tiny_checkpoint, eval_data, eval_c
             assert 0 <= rec["topk_share"] <= 1 and 0 < rec["chance"] <= 1 and rec["group"] in ("lesion", "normal")
             # the synthetic volumes have air around the body at the crop's corners
             assert 0 <= rec["background_share"] <= 1 and 0 < rec["background_chance"] < 1
+            assert 0 <= rec["control_share"] <= 1 and 0 <= rec["control_auroc"] <= 1
     assert len(r["figures"]) == 1
     png = out / "grounding" / "valid_1_a_1.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000

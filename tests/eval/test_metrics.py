@@ -129,3 +129,24 @@ def test_background_patches_are_those_mostly_air_outside_the_body():
     vol[0, 6:] = -0.85  # patch 3: lung parenchyma (-850 HU) is not background
     assert background_patches(vol, (2, 4, 4)).tolist() == [True, True, False, False]
     assert BACKGROUND_HU > -1000 and BACKGROUND_HU < -850
+
+
+def test_sentence_specific_map_beats_the_ct_mean_control_and_a_generic_one_does_not():
+    from simcrop.eval.grounding import sentence_scores
+
+    N = 8
+    regions = [(np.arange(N) // 2) == r for r in range(3)]  # sentence r: patches 2r, 2r + 1
+    background = np.arange(N) >= 6  # patches 6-7 are air
+    specific = np.stack([(r + 1.0) * regions[r] for r in range(3)])  # each map lights its own region
+    generic = np.stack([np.linspace(1, 0, N)] * 3)  # every map: "low patch index first", whatever the sentence
+
+    def scores(sim):
+        return [sentence_scores(sim[r], sim.mean(0), regions[r], background, 2) for r in range(3)]
+
+    spec, gen = scores(specific), scores(generic)
+    assert [s["topk_share"] for s in spec] == [1.0, 1.0, 1.0]
+    assert [s["control_share"] for s in spec] == [0.0, 0.0, 1.0]  # the mean map favours the strongest map only
+    # the generic map beats the region-share chance (0.25) for sentence 0, but never its control
+    assert gen[0]["topk_share"] == 1.0 and gen[0]["chance"] == 0.25
+    assert all(s["topk_share"] == s["control_share"] for s in gen)
+    assert all(s["background_share"] == 0.0 and s["background_chance"] == 0.25 for s in spec + gen)
