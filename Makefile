@@ -26,17 +26,19 @@ install: $(STAMP)
 train: install
 	$(PY) -m simcrop.train --compile $(ARGS)
 
-# the tests, after compiling every CUDA source with nvcc for sm_90 (compile only; exit 2 = no nvcc here: skipped)
+# the tests, after compiling every CUDA source with nvcc for sm_90 (compile only; exit 2 = no nvcc here: skipped),
+# then the GPU check's dry run (every section's Python on the CPU at tiny shapes, ~1-2 min: it cannot rot unseen)
 test: install
 	bash csrc/check_cuda_compile.sh || test $$? -eq 2
 	$(PY) -m pytest tests -q $(ARGS)
+	PYTHON=$(CURDIR)/$(PY) bash bench/gpu_check.sh --dry-run
 
 bench: install
 	$(PY) -m pytest bench --benchmark-only $(ARGS)
 
 # the ablation table of docs/ablation.md (random / MIM / MIM+MLM / full, each evaluated); resumable, ~45 min on 2 cores
 ablation: install
-	$(PY) -m simcrop.eval ablation --out docs/ablation --work runs/ablation --steps 300 --text-encoder minilm $(ARGS)
+	$(PY) -m simcrop.experiments.ablation --out docs/ablation --work runs/ablation --steps 300 --text-encoder minilm $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

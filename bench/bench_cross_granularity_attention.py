@@ -4,14 +4,13 @@ PyTorch SDPA (+ g, masked) vs the Triton flash kernels vs xformers (where it imp
 `pytest bench/bench_cross_granularity_attention.py --benchmark-only` on whatever device is here (CUDA if present,
 bf16; else CPU, fp32). Providers x direction (forward; backward = autograd.grad through one retained forward graph)
 x sizes (small; the paper's fusion layer B=14, H=6, L=512, N=686, Dh=128). Every query is real (the Triton kernels
-would also skip fully padded query blocks: not measured here). extra_info: device, dtype, and on CUDA the peak
-memory above the inputs. The triton provider runs on CPU only under TRITON_INTERPRET=1, at the small size, marked
-`interpreted` (NOT a meaningful time). SIMCROP_BENCH_SIZES=paper and
-SIMCROP_BENCH_PROVIDERS=reference,triton (comma lists) restrict sizes and providers.
-On a shared CPU, OMP_NUM_THREADS=1 gives steadier numbers (extra_info records the thread count).
+would also skip fully padded query blocks: not measured here). extra_info: device, dtype, thread count, and on CUDA
+the peak memory above the inputs. The triton provider runs on CPU only under TRITON_INTERPRET=1, at the small size,
+marked `interpreted` (NOT a meaningful time). SIMCROP_BENCH_SIZES=paper and
+SIMCROP_BENCH_PROVIDERS=reference,triton (comma lists) restrict sizes and providers (bench/_timing.py).
+On a shared CPU, OMP_NUM_THREADS=1 gives steadier numbers.
 """
 import importlib
-import os
 
 import pytest
 import torch
@@ -19,16 +18,12 @@ import torch.nn.functional as F
 
 from simcrop.ops import reference as R
 
+from ._timing import DEVICE, DTYPE, implementation, measure, op_call, op_info, op_rounds, selected
+
 fused = importlib.import_module("simcrop.ops.cross_granularity_attention")
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 SIZES = {"small": (2, 2, 32, 48, 32), "paper": (14, 6, 512, 686, 128)}  # (B, H, L, N, Dh)
-SELECTED = [s for s in os.environ.get("SIMCROP_BENCH_SIZES", ",".join(SIZES)).split(",") if s]
-PROVIDERS = [p for p in os.environ.get("SIMCROP_BENCH_PROVIDERS", "").split(",") if p] or [
-    "reference", "compiled", "sdpa", "triton", "xformers"]
-INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"
-_COMPILED = {}
+PROVIDERS = selected("SIMCROP_BENCH_PROVIDERS", ["reference", "compiled", "sdpa", "triton", "xformers"])
 
 
 def sdpa(q, k, v, g, q_mask):
@@ -44,13 +39,7 @@ def xformers_attention(q, k, v, g, q_mask):
     return (out + g.unsqueeze(2)) * q_mask[:, None, :, None].to(out.dtype)
 
 
-def implementation(provider: str, size: str):
-    if provider == "reference":
-        return R.cross_granularity_attention
-    if provider == "compiled":
-        if "fn" not in _COMPILED:
-            _COMPILED["fn"] = torch.compile(R.cross_granularity_attention, dynamic=False)
-        return _COMPILED["fn"]
+def provider_fn(provider: str, size: str):
     if provider == "sdpa":
         return sdpa
     if provider == "xformers":
@@ -58,12 +47,8 @@ def implementation(provider: str, size: str):
             pytest.skip("xformers has no CPU path")
         pytest.importorskip("xformers.ops")
         return xformers_attention
-    reason = fused.check(DEVICE)
-    if reason is not None:
-        pytest.skip(f"triton: {reason}")
-    if INTERPRETED and size != "small":
-        pytest.skip("triton in the interpreter: small size only")
-    return fused.cross_granularity_attention
+    return implementation(provider, R.cross_granularity_attention, fused.cross_granularity_attention, fused.check,
+                          size=size)
 
 
 def inputs(size: str):
@@ -75,44 +60,11 @@ def inputs(size: str):
     return q, k, v, g_tok, torch.ones(B, L, dtype=torch.bool, device=DEVICE)
 
 
-def measure(benchmark, run, rounds: int) -> None:
-    """Median over `rounds` calls (synchronised on CUDA) after warm-up; peak CUDA memory of one call."""
-    for _ in range(2):
-        run()
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        benchmark.extra_info["peak_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
-
-        def timed():
-            run()
-            torch.cuda.synchronize()
-    else:
-        timed = run
-    benchmark.pedantic(timed, rounds=rounds, iterations=1)
-
-
-@pytest.mark.parametrize("size", SELECTED)
+@pytest.mark.parametrize("size", selected("SIMCROP_BENCH_SIZES", SIZES))
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_cross_granularity_attention(benchmark, provider, direction, size):
-    fn = implementation(provider, size)
-    q, k, v, g, mask = inputs(size)
-    benchmark.group = f"cross_granularity_attention {direction} {size} {SIZES[size]}"
-    benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE).removeprefix("torch."), interpreted=(
-        provider == "triton" and INTERPRETED), threads=torch.get_num_threads())
-    if direction == "forward":
-        def run():
-            return fn(q, k, v, g, mask)
-    else:
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v, g)]
-        out = fn(*leaves, mask)
-        grad = torch.randn_like(out)
-
-        def run():
-            return torch.autograd.grad(out, leaves, grad, retain_graph=True)
-    rounds = 30 if DEVICE.type == "cuda" else (10 if size == "small" else 3)
-    measure(benchmark, run, rounds)
+    fn = provider_fn(provider, size)
+    run = op_call(direction, fn, inputs(size), wrt=[0, 1, 2, 3])  # backward: the gradients w.r.t. q, k, v, g
+    measure(benchmark, run, op_rounds(size), group=f"cross_granularity_attention {direction} {size} {SIZES[size]}",
+            **op_info(provider))

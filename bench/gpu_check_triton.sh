@@ -8,6 +8,9 @@
 #      feeds gpu_check.sh's summary of bench_*.json.
 # Usage: bash bench/gpu_check_triton.sh [OUT_DIR]
 # Needs: a CUDA GPU, torch 2.11+, triton 3.6, pytest-benchmark; no network. About 2-3 minutes on an H100.
+# DRY_RUN=1 (bench/gpu_check.sh --dry-run): no GPU; the test selection is only collected, the benchmarks run at the
+# small size with the reference provider for one round on the CPU, and the table is printed from their JSON.
+# TRITON_TESTS_TIMEOUT / TRITON_BENCH_TIMEOUT (seconds, default 150 / 180) bound the two parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${RESULTS:-${OUT:-.cache/gpu_check}}}"  # gpu_check.sh passes its RESULTS
@@ -17,10 +20,13 @@ unset TRITON_INTERPRET
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.cache/triton}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}"
 
+DRY_RUN="${DRY_RUN:-0}"
 "$PY" -c "
 import torch, triton
-assert torch.cuda.is_available(), 'gpu_check_triton.sh needs a CUDA GPU'
-print(f'== triton ops: torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}')
+dry = '$DRY_RUN' == '1'
+assert dry or torch.cuda.is_available(), 'gpu_check_triton.sh needs a CUDA GPU'
+device = 'CPU (dry run)' if dry else torch.cuda.get_device_name()
+print(f'== triton ops: torch {torch.__version__}, triton {triton.__version__}, {device}')
 "
 if ! "$PY" -c "import simcrop.kernels" 2>/dev/null; then  # kernels/ is importable only as installed simcrop.kernels
   echo "== installing simcrop (editable) for simcrop.kernels"
@@ -32,13 +38,19 @@ SECONDS=0
 echo "== triton ops: tests on the GPU"
 SELECT="cuda or opcheck or fullgraph or tiny_model"
 [ "${SIMCROP_GPU_CHECK_ALL:-0}" = 1 ] && SELECT="not compile_for_sm90"
-timeout 150 "$PY" -m pytest tests/ops/test_topk_align.py tests/ops/test_cross_granularity_attention.py \
-  -q -p no:cacheprovider -k "$SELECT" --junitxml="$OUT/triton_tests.xml" \
+TEST_ARGS=(--junitxml="$OUT/triton_tests.xml")
+BENCH_ENV=(SIMCROP_BENCH_SIZES=paper)
+if [ "$DRY_RUN" = 1 ]; then
+  TEST_ARGS=(--collect-only)  # the selection must still exist (pytest exits 5 when nothing is selected)
+  BENCH_ENV=(SIMCROP_BENCH_SIZES=small SIMCROP_BENCH_PROVIDERS=reference SIMCROP_BENCH_ROUNDS=1)
+fi
+timeout "${TRITON_TESTS_TIMEOUT:-150}" "$PY" -m pytest tests/ops/test_topk_align.py \
+  tests/ops/test_cross_granularity_attention.py -q -p no:cacheprovider -k "$SELECT" "${TEST_ARGS[@]}" \
   > "$OUT/triton_tests.log" 2>&1 || status=1
 tail -n 15 "$OUT/triton_tests.log"
 
 echo "== triton ops: benchmarks at the paper's shapes (tests took ${SECONDS}s)"
-SIMCROP_BENCH_SIZES=paper timeout 180 "$PY" -m pytest bench/bench_topk_align.py \
+env "${BENCH_ENV[@]}" timeout "${TRITON_BENCH_TIMEOUT:-180}" "$PY" -m pytest bench/bench_topk_align.py \
   bench/bench_cross_granularity_attention.py --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench_triton.json" > "$OUT/bench_triton.log" 2>&1 || status=1
 grep -E "passed|failed|error" "$OUT/bench_triton.log" | tail -n 3 || true

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     """A configuration value that cannot work."""
 
 
+LOG_TARGETS = ("csv", "tensorboard", "wandb")  # where a training run logs (simcrop.run_log)
+
+
 @dataclass
 class ModelConfig:
     # image side
@@ -42,6 +45,12 @@ class ModelConfig:
     # extension, not in the paper (docs/method.md "Sentence-volume contrast"): each sentence also contrasts its own
     # CT's top-K pool with the top-K pools IT selects in the other CTs of the (per-device) batch; 0 = SPEC's L_align
     w_align_volume: float = 0.0
+    # extension, not in the paper (docs/method.md "Cross-CT soft sentence-volume contrast"): sentence j of CT b
+    # softly pools every CT's visible patches (softmax over cos(s_bj, v_ci) / soft_pool_tau) and must pick its own CT
+    # among ALL CTs of the global batch (all-gathered under torchrun); identifiable where SPEC's L_align is not
+    w_align_soft: float = 0.0
+    soft_pool_tau: float = 0.05  # temperature of the softmax over patches (small: close to hard top-1)
+    align_within: bool = True  # SPEC's within-CT L_align inside the align term; False keeps only the extensions
     # masked report modelling (L_MLM) through the cross-granularity fusion layer
     text_encoder: str = "minilm"  # frozen: 'minilm' (offline all-MiniLM-L6-v2), 'tiny-bert', a path or hub name
     trust_remote_code: bool = False  # for hub text encoders that need it (CXR-BERT)
@@ -72,7 +81,8 @@ class DataConfig:
     data: str = ""  # CT-RATE folder or a prepared folder (python -m simcrop.prepare); '' = built-in synthetic data
     loader: str = "auto"  # auto | dali | torch (simcrop.data.loader.make_loader; auto = DALI on prepared data)
     cache_dir: str = ""  # where synthetic data and tiny tokenizers go ('' = $SIMCROP_CACHE or ~/.cache/simcrop)
-    synthetic_n: int = 320  # cases of the built-in synthetic dataset (80% train, 20% valid)
+    synthetic_n: int = 320  # cases of the built-in synthetic dataset (80% train, 20% valid; the testbed: 60/40)
+    synthetic_variant: str = "default"  # built-in data: 'default' (realistic phantoms) | 'testbed' (grounding testbed)
     batch_size: int = 14  # per device
     num_workers: int = 0
     crop_scale_min: float = 0.8  # random scaled crop: each side scaled in [min, 1] before the fixed crop
@@ -86,7 +96,7 @@ class TrainConfig:
     preset: str = "tiny"
     out: str = "runs/simcrop"  # checkpoints, metrics.csv, loss.png
     steps: int = 22400  # optimizer steps (iterations)
-    warmup_steps: int = 2240  # linear warm-up, then half-cosine to 0
+    warmup_steps: int = -1  # linear warm-up, then half-cosine to min_lr; -1 = 10% of steps (follows the run length)
     lr: float = 1.5e-4
     min_lr: float = 0.0
     weight_decay: float = 0.05  # not applied to biases, norms, tokens and embeddings
@@ -97,6 +107,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    adamw_impl: str = "auto"  # auto (fused where torch has it and not under FSDP) | fused | foreach | loop
     compile: bool = False  # torch.compile the model's step
     log_every: int = 10
     ckpt_every: int = 100  # steps between checkpoints (a final one is always written)
@@ -106,6 +117,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory, ~30% slower)
     fsdp: bool = False  # shard with FSDP2 (fully_shard) instead of DDP under torchrun
     progress: bool = True  # progress bar
+    log_to: str = "csv"  # comma list: csv (metrics.csv + loss.png, always), tensorboard, wandb (offline; if installed)
 
 
 @dataclass
@@ -145,10 +157,42 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 4,
         "accum_steps": 1,
         "steps": 300,
-        "warmup_steps": 30,
         "lr": 5e-4,
         "ckpt_every": 100,
         "out": "runs/tiny",
+    },
+    # the grounding testbed (simcrop.data.synthetic.testbed; pass its folder as --data, see docs/data.md):
+    # 4 x 4 x 8 mm voxels, 8 x 8 x 4-voxel patches = 32 mm cubes, an 8 x 8 x 8 grid of the 256 mm crop
+    "testbed": {
+        "img_size": (64, 64, 32),
+        "patch_size": (8, 8, 4),
+        "enc_dim": 192,
+        "enc_depth": 4,
+        "enc_heads": 3,
+        "dec_dim": 96,
+        "dec_depth": 2,
+        "dec_heads": 4,
+        "proj_dim": 128,
+        "topk": 6,  # 512 patches, 128 visible: 6 / 128 = 4.7% (the paper's 32 / 686)
+        "fusion_dim": 128,
+        "fusion_heads": 4,
+        "fusion_intermediate": 256,
+        "text_dec_layers": 2,
+        "text_dec_heads": 4,
+        "text_dec_intermediate": 256,
+        "findings_max_len": 128,
+        "report_max_len": 160,
+        "max_sentences": 16,
+        "batch_size": 4,
+        "accum_steps": 1,
+        "synthetic_variant": "testbed",  # without --data: the grounding testbed (docs/data.md)
+        "synthetic_n": 1280,  # 768 train + 512 held-out cases
+        "flip_prob": 0.0,  # lesion sides are named in the reports
+        "crop_scale_min": 0.9,  # 72 x 72 x 36 volumes: every scaled crop holds the 64 x 64 x 32 crop (no padding)
+        "steps": 1000,
+        "lr": 5e-4,
+        "ckpt_every": 250,
+        "out": "runs/testbed",
     },
 }
 
@@ -182,8 +226,25 @@ def make_config(preset: str = "tiny", **overrides: Any) -> Config:
     cfg.train.preset = preset
     apply_overrides(cfg, dict(PRESETS[preset]))
     apply_overrides(cfg, overrides)
+    if cfg.train.warmup_steps == -1:  # not given: the warm-up follows the run length
+        cfg.train.warmup_steps = cfg.train.steps // 10
     validate(cfg)
     return cfg
+
+
+def parse_triple(text: str, kind: type = int, positive: bool = False) -> tuple:
+    """'64,64,32' or '64x64x32' -> (64, 64, 32) of `kind` (int or float): the one parser of 3-vectors on every
+    command line (crop sizes, patch sizes, ROIs, voxel spacings). argparse.ArgumentTypeError when malformed."""
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    what = "integers" if kind is int else "numbers"
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or (positive and any(v <= 0 for v in values)):
+        sign = "positive " if positive else ""
+        raise argparse.ArgumentTypeError(f"expected three comma-separated {sign}{what}, got {text!r}")
+    return values
 
 
 def _parse_value(kind, text: str):
@@ -191,11 +252,7 @@ def _parse_value(kind, text: str):
         raise AssertionError("booleans use BooleanOptionalAction")
     if kind in (int, float, str):
         return kind(text)
-    # tuple[int, int, int]
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated integers, got {text!r}")
-    return tuple(int(p) for p in parts)
+    return parse_triple(text, int)  # tuple[int, int, int]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -229,14 +286,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def validate(cfg: Config) -> None:
     """Raise ConfigError (one line) for values that cannot work."""
     m, d, t = cfg.model, cfg.data, cfg.train
-    from simcrop.ops.reference import num_visible
+    from simcrop.ops.reference import num_visible, patch_grid
 
-    for axis, (size, p) in enumerate(zip(m.img_size, m.patch_size)):
-        if p <= 0 or size <= 0 or size % p:
-            raise ConfigError(f"patch size {m.patch_size} does not divide img_size {m.img_size} (axis {'xyz'[axis]})")
-    n_patches = 1
-    for size, p in zip(m.img_size, m.patch_size):
-        n_patches *= size // p
+    try:
+        gx, gy, gz = patch_grid(m.img_size, m.patch_size)
+    except ValueError as exc:
+        raise ConfigError(f"img_size / patch_size: {exc}") from None
+    n_patches = gx * gy * gz
     if not 0.0 <= m.mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {m.mask_ratio}")
     n_vis = num_visible(n_patches, m.mask_ratio)
@@ -269,14 +325,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError("every loss is switched off (use_mim, use_mlm, use_align): nothing to train")
     if m.w_align_volume < 0:
         raise ConfigError(f"w_align_volume must be >= 0, got {m.w_align_volume}")
+    if m.w_align_soft < 0:
+        raise ConfigError(f"w_align_soft must be >= 0, got {m.w_align_soft}")
+    if m.soft_pool_tau <= 0:
+        raise ConfigError(f"soft_pool_tau must be > 0, got {m.soft_pool_tau}")
+    if m.w_align_soft > 0 and not m.use_align:
+        raise ConfigError("w_align_soft > 0 needs the alignment stage (its feature heads): drop --no-use-align")
+    if m.use_align and not m.align_within and m.w_align_volume == 0 and m.w_align_soft == 0:
+        raise ConfigError("--no-align-within leaves the align term empty: set --w-align-soft or --w-align-volume > 0, "
+                          "or --no-use-align")
     if m.tau <= 0:
         raise ConfigError(f"tau must be > 0, got {m.tau}")
     if d.batch_size < 1 or t.accum_steps < 1 or t.steps < 1:
         raise ConfigError("batch_size, accum_steps and steps must be >= 1")
+    if d.synthetic_variant not in ("default", "testbed"):
+        raise ConfigError(f"synthetic_variant must be default or testbed, got {d.synthetic_variant!r}")
     if d.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"loader must be auto, dali or torch, got {d.loader!r}")
     if not 0 < d.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
+    if t.adamw_impl not in ("auto", "fused", "foreach", "loop"):
+        raise ConfigError(f"adamw_impl must be auto, fused, foreach or loop, got {t.adamw_impl!r}")
     if t.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"amp must be auto, bf16 or off, got {t.amp!r}")
     if t.max_bad_steps < 1:
@@ -285,3 +354,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"stop_after must be >= 0, got {t.stop_after}")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         raise ConfigError(f"warmup_steps must be in 0..steps ({t.steps}), got {t.warmup_steps}")
+    unknown = sorted(set(filter(None, t.log_to.split(","))) - set(LOG_TARGETS))
+    if unknown:
+        raise ConfigError(f"log_to: unknown {', '.join(unknown)} (known: {', '.join(LOG_TARGETS)})")

@@ -1,6 +1,6 @@
 """torch.distributed plumbing for training: process group, model wrapping (DDP / FSDP2), full state dicts.
 
-Launch with `torchrun --nproc_per_node=N -m simcrop.train ...` (NCCL on GPU, gloo on CPU). Without torchrun's
+Launched by torchrun running the training command line (README; NCCL on GPU, gloo on CPU). Without torchrun's
 environment (WORLD_SIZE unset or 1) everything here is a no-op and the model is used as is.
 Checkpoints always hold FULL (unsharded) state dicts keyed by parameter name, written by rank 0, so a
 checkpoint loads at any world size and with or without FSDP.
@@ -72,6 +72,43 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's x along dim 0; backward sums the gradient of all ranks and keeps the local slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)  # [W * n, ...]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # every rank's loss depends on every slice: d(sum_r loss_r) / d x_local = sum over ranks of their
+        # gradient for this slice (all-reduce, then cut). DDP then AVERAGES parameter gradients over the W ranks,
+        # which the trainer's x W on each rank's loss undoes (docs/method.md "Data parallelism").
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+@torch.compiler.disable  # collectives inside an autograd.Function: run eagerly (a graph break under compile)
+def _all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [n, ...] on each rank -> (the ranks' x concatenated in rank order [W * n, ...], this rank's offset r * n).
+
+    Differentiable: the gradient of the gathered tensor flows back to the local slice, summed over all ranks (so
+    other ranks' losses that use this rank's features train it too). Every rank must pass the same shape (the
+    trainer's per-device batch is fixed). Without an initialised process group (or with one rank): (x, 0).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return _all_gather_with_grad(x), dist.get_rank() * x.shape[0]
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:

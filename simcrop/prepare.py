@@ -6,29 +6,39 @@ rejected; 2 a fatal problem (bad arguments, missing source, unreadable manifest)
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-from simcrop.data.ctrate import DataError
+from simcrop.config import parse_triple
+from simcrop.data.errors import DataError
+from simcrop.data.manifest import format_help
 from simcrop.data.prepare import Settings, run_prepare
 
 
 def _spacing(text: str) -> tuple[float, float, float]:
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    if len(parts) != 3 or any(float(p) <= 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected three positive numbers like 1.5,1.5,3.0, got {text!r}")
-    return tuple(float(p) for p in parts)
+    values = parse_triple(text, float, positive=True)
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected three finite positive numbers, got {text!r}")
+    return values
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the options' help, and the epilog (the manifest format) with its own line breaks."""
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m simcrop.prepare", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--src", required=True, help="CT-RATE folder, or a manifest .csv / .jsonl")
+                                 formatter_class=_HelpFormatter, epilog=format_help())
+    ap.add_argument("--src", required=True, help="CT-RATE folder, or a manifest .csv / .tsv / .jsonl (below)")
     ap.add_argument("--out", required=True, help="prepared folder (created; rerun to resume)")
     ap.add_argument("--format", default="auto", choices=("auto", "ctrate", "manifest"))
     ap.add_argument("--splits", default="", help="CT-RATE splits, e.g. train,valid ('' = those with reports)")
     ap.add_argument("--workers", type=int, default=0, help="volume worker processes (0 = in this process)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any input was rejected")
     ap.add_argument("--spacing", type=_spacing, default=Settings.spacing, help="target voxel size x,y,z (mm)")
+    ap.add_argument("--assume-spacing", type=_spacing, default=None, metavar="X,Y,Z",
+                    help="voxel size (mm) for the axes of volumes whose header gives a zero or missing spacing "
+                         "(default %(default)s: such volumes are rejected, 'missing spacing')")
     ap.add_argument("--min-slices", type=int, default=Settings.min_slices, help="reject fewer slices (after resampling)")
     ap.add_argument("--text-encoder", default=Settings.text_encoder,
                     help="frozen encoder for tokens + cached findings features: minilm, tiny-bert, a folder, a "
@@ -44,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify", default="sha256", choices=("sha256", "size"),
                     help="how finished items are checked on a rerun")
     ap.add_argument("--limit", type=int, default=0, help="only the first N inputs (0 = all)")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bars (ours, nor the text encoder's loading bars)")
     return ap
 
 
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             findings_max_len=args.findings_max_len or model.findings_max_len,
             report_max_len=args.report_max_len or model.report_max_len,
             max_sentences=args.max_sentences or model.max_sentences, feats_dtype=args.feats_dtype,
-            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, assume_spacing=args.assume_spacing,
         )
         splits = [s for s in args.splits.split(",") if s] or None
         res = run_prepare(args.src, args.out, args.format, settings, workers=args.workers, splits=splits,

@@ -33,12 +33,13 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def train_args(synthetic_data, cache):
-    """train_args(out, *extra) -> argv for simcrop.train: tiny preset, tiny-bert, batch 2, no progress bar."""
+    """train_args(out, *extra, data=None, cache_dir=None) -> argv for the trainer's command line: tiny preset,
+    tiny-bert, batch 2, no progress bar, 1 warm-up step (the one training-test set-up; later flags win)."""
 
-    def make(out, *extra, data=None):
-        return ["--data", str(data or synthetic_data), "--cache-dir", str(cache), "--out", str(out),
+    def make(out, *extra, data=None, cache_dir=None):
+        return ["--data", str(data or synthetic_data), "--cache-dir", str(cache_dir or cache), "--out", str(out),
                 "--text-encoder", "tiny-bert", "--batch-size", "2", "--no-progress", "--warmup-steps", "1",
                 "--log-every", "1", *extra]
 

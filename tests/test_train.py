@@ -137,7 +137,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(data, cache, args, tmp_pat
 
 def test_a_training_step_leaves_the_text_encoder_frozen_in_eval_mode(data, cache, args, tmp_path):
     from simcrop.config import make_config
-    from simcrop.train import Trainer
+    from simcrop.pretraining import Trainer
 
     cfg = make_config("tiny", data=str(data), cache_dir=str(cache), out=str(tmp_path / "run"),
                       text_encoder="tiny-bert", batch_size=2, progress=False)
@@ -149,3 +149,60 @@ def test_a_training_step_leaves_the_text_encoder_frozen_in_eval_mode(data, cache
     assert all(p.grad is None and not p.requires_grad for p in trainer.text.parameters())
     no_grad = [n for n, p in trainer.model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, no_grad
+
+
+def test_a_quick_run_without_warmup_flag_follows_the_run_length(data, cache, args, tmp_path, capsys):
+    argv = args(data, cache, tmp_path / "run", "--steps", "4")
+    i = argv.index("--warmup-steps")
+    del argv[i:i + 2]  # the preset's 30 warm-up steps would contradict --steps 4
+    assert main(argv) == 0
+    assert "steps 0 -> 4 (warm-up 0)" in capsys.readouterr().out
+    assert len(losses(tmp_path / "run")) == 4
+
+
+def test_tensorboard_log_has_every_scalar_the_plot_and_the_config(data, cache, args, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(args(data, cache, out, "--steps", "4", "--stop-after", "2", "--log-to", "csv,tensorboard")) == 0
+    assert main(args(data, cache, out, "--steps", "4", "--resume", "auto", "--log-to", "csv,tensorboard")) == 0
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("loss", "mim", "align", "mlm", "lr", "grad_norm", "volumes_per_s"):
+        events = acc.Scalars(f"train/{key}")
+        # the resumed run purged nothing it did not rewrite: one event per step, equal to the CSV
+        assert [e.step for e in events] == [1, 2, 3, 4], (key, [e.step for e in events])
+        assert [e.value for e in events] == pytest.approx([float(r[key]) for r in rows], rel=1e-5), key
+    assert "loss_plot" in tags["images"]
+    image = acc.Images("loss_plot")[-1]
+    assert image.width > 100 and image.height > 100
+    assert any(t.startswith("config") for t in tags["tensors"])  # add_text is stored as a tensor summary
+
+
+def test_resume_accepts_a_checkpoint_that_predates_a_new_default_off_field(data, cache, args, tmp_path):
+    """A checkpoint written before an extension's field existed resumes: the missing field counts as its default."""
+    import json
+
+    out = tmp_path / "run"
+    assert main(args(data, cache, out, "--steps", "2", "--stop-after", "1")) == 0
+    ckpt = out / "checkpoints" / "step_00000001" / "config.json"
+    saved = json.loads(ckpt.read_text())
+    del saved["model"]["w_align_soft"], saved["model"]["align_within"]  # as an older simcrop wrote it
+    ckpt.write_text(json.dumps(saved))
+    assert main(args(data, cache, out, "--steps", "2", "--resume", "auto")) == 0
+    assert len(losses(out)) == 2
+
+
+def test_adamw_implementations_agree(data, cache, args, tmp_path):
+    """fused (the default) and foreach give the update of the one-parameter-at-a-time reference loop."""
+    runs = {}
+    for impl in ("loop", "foreach", "fused"):
+        out = tmp_path / impl
+        assert main(args(data, cache, out, "--steps", "3", "--dropout", "0", "--adamw-impl", impl)) == 0
+        runs[impl] = weights(out, 3)
+    for impl in ("foreach", "fused"):
+        for k, ref in runs["loop"].items():
+            assert torch.allclose(runs[impl][k], ref, rtol=1e-5, atol=1e-6), (impl, k)

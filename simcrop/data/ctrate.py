@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simcrop.data.errors import DataError
+
 REPORT_COLUMNS = ("VolumeName", "Findings_EN", "Impressions_EN")
 METADATA_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
 CT_RATE_LABELS = (
@@ -25,10 +27,6 @@ CT_RATE_LABELS = (
     "Peribronchial thickening", "Consolidation", "Bronchiectasis", "Interlobular septal thickening",
 )
 _NAME = re.compile(r"^(?P<split>[a-z]+)_(?P<patient>\d+)_(?P<scan>[a-z]+)_(?P<recon>\d+)\.nii(\.gz)?$")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the problem."""
 
 
 @dataclass

@@ -10,8 +10,9 @@ A prepared folder holds:
     feats/<split>/<name>.npy      float16 [Lf, H]: the frozen text encoder's token features of the findings
     text_corpus.json              the report texts tiny-bert was built from (only for --text-encoder tiny-bert)
 
-`PreparedPretrainDataset` is a drop-in for `PretrainDataset`: the same keys, shapes and per-(seed, epoch, index)
-randomness (`simcrop.data.augment` does the volume), plus `findings_feats` [Lf, H] float32 when the cached
+`PreparedPretrainDataset` is a drop-in for `PretrainDataset`: both make their samples with the one
+`simcrop.data.sample.SampleBuilder` (same keys, shapes and per-(seed, epoch, index) randomness by construction);
+here the text tensors may come from the cache, adding `findings_feats` [Lf, H] float32, when the cached tokens and
 features fit the text encoder and the preset's lengths.
 """
 from __future__ import annotations
@@ -23,11 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from simcrop.data.augment import center_crop_pad, check_fits, hu_to_unit, random_augment
-from simcrop.data.ctrate import DataError
-from simcrop.data.pretrain import SampleSpec, sample_generator
-from simcrop.data.text import mask_report_tokens, tokenize_findings, tokenize_report
-from simcrop.ops.reference import patch_grid
+from simcrop.data.augment import check_fits
+from simcrop.data.errors import DataError
+from simcrop.data.sample import SampleBuilder, SampleSpec, tokenize_text
 
 FORMAT = "simcrop-prepared"
 FORMAT_VERSION = 1
@@ -132,11 +131,7 @@ class PreparedPretrainDataset(Dataset):
         if not self.items:
             raise DataError(f"{self.root / MANIFEST_FILE}: no prepared item in split {self.split!r}")
         self.tokenizer, self.spec, self.train = tokenizer, spec, train
-        self.num_patches = int(np.prod(patch_grid(spec.img_size, spec.patch_size)))
-        self.special_ids = list(tokenizer.all_special_ids)
-        self.mask_token_id = tokenizer.mask_token_id
-        if self.mask_token_id is None:
-            raise DataError(f"text tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no [MASK] token")
+        self.builder = SampleBuilder(tokenizer, spec)
         self.pad_id = int(tokenizer.pad_token_id or 0)
         for e in self.items:
             reason = check_fits(tuple(e["volume"]["shape"]), spec.img_size)
@@ -169,13 +164,10 @@ class PreparedPretrainDataset(Dataset):
         return None
 
     def _tokenise(self) -> None:
-        s, self.findings, self.reports = self.spec, [], []
+        self.texts = []  # per item: the unmasked text tensors (simcrop.data.sample.tokenize_text)
         for e in self.items:
             try:
-                self.findings.append(tokenize_findings(self.tokenizer, e["findings"], s.findings_max_len,
-                                                       s.max_sentences))
-                self.reports.append(tokenize_report(self.tokenizer, e["findings"], e["impression"],
-                                                    s.report_max_len))
+                self.texts.append(tokenize_text(self.tokenizer, e["findings"], e["impression"], self.spec))
             except ValueError as exc:
                 raise DataError(f"{self.root / MANIFEST_FILE}: {e['name']}: {exc}") from None
 
@@ -198,10 +190,7 @@ class PreparedPretrainDataset(Dataset):
         findings_feats [Lf, H] float32 when cached."""
         s, e = self.spec, self.items[index]
         if not self.use_cache:
-            f, r = self.findings[index], self.reports[index]
-            return {"findings_ids": f["input_ids"], "findings_mask": f["attention_mask"].bool(),
-                    "sentence_ids": f["sentence_ids"], "report_ids": r["input_ids"],
-                    "report_mask": r["attention_mask"].bool()}
+            return self.texts[index]
         with np.load(self.root / e["text"]["file"]) as z:
             fid, sid, rid = z["findings_ids"], z["sentence_ids"], z["report_ids"]
         feats = np.load(self.root / e["feats"]["file"])  # [n, H] float16
@@ -218,33 +207,14 @@ class PreparedPretrainDataset(Dataset):
         return out
 
     def text_sample(self, index: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Everything but the volume, drawing (after the volume's draws) MAE noise then the MLM mask from gen."""
-        t = self.text(index)
-        noise = torch.rand(self.num_patches, generator=gen)  # [N] MAE noise
-        masked_ids, labels = mask_report_tokens(
-            t["report_ids"][None], t["report_mask"][None].long(), self.special_ids, self.mask_token_id,
-            self.spec.mlm_ratio, gen, self.spec.mlm_loss_on,
-        )  # [1, Lr] each
-        out = {
-            "mask_noise": noise,
-            "findings_ids": t["findings_ids"],
-            "findings_mask": t["findings_mask"],
-            "sentence_ids": t["sentence_ids"],
-            "report_ids": masked_ids[0],
-            "report_mask": t["report_mask"],
-            "mlm_labels": labels[0],
-            "index": torch.tensor(index),
-        }
-        if "findings_feats" in t:
-            out["findings_feats"] = t["findings_feats"]
-        return out
+        """Everything but the volume, drawing (after the volume's draws) MAE noise then the MLM mask from gen
+        (SampleBuilder.text; the DALI loader pairs it with the volumes it makes)."""
+        return self.builder.text(self.text(index), index, gen)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """(index, epoch) -> the sample (keys and shapes: simcrop.data.sample)."""
         index, epoch = key
-        gen = sample_generator(self.spec.seed, epoch, index)
-        x = hu_to_unit(self.load_volume(index))  # [X, Y, Z] in [-1, 1]
-        x = random_augment(x, self.spec.augment, gen) if self.train else center_crop_pad(x, self.spec.img_size)
-        return {"volume": x[None], **self.text_sample(index, gen)}  # volume [1, X, Y, Z]
+        return self.builder(self.load_volume(index), self.text(index), index, epoch, self.train)
 
 
 def build_prepared_data(cfg, text_encoder, root: str | Path, split: str = "train", log=None,

@@ -3,8 +3,9 @@ per-sentence ground-truth regions, and segmentation pairs.
 
 Sources (all relative to a CT-RATE-layout data folder `root`, split = 'train' | 'valid'):
 - volumes, reports: simcrop.data.ctrate.read_split;
-- labels (multi-label): `dataset/synthetic_ground_truth/<split>_labels.csv` (the synthetic FINDINGS) when present,
-  else CT-RATE's `dataset/multi_abnormality_labels/<split>_predicted_labels.csv` (18 columns), or any CSV with
+- labels (multi-label): `dataset/synthetic_ground_truth/<split>_labels.csv` (the synthetic findings: FINDINGS, or
+  the testbed's TESTBED_TYPES) when present, else CT-RATE's
+  `dataset/multi_abnormality_labels/<split>_predicted_labels.csv` (18 columns), or any CSV with
   VolumeName + one 0/1 column per class; multi-class: one column of class names / integers;
 - sentence regions: `dataset/synthetic_ground_truth/<split>_sentences.jsonl` + the anatomy / lesion maps, or a
   user JSONL whose sentences name a mask NIfTI (docs/eval.md);
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from simcrop.data.augment import center_crop_pad, hu_to_unit
-from simcrop.data.ctrate import CTRateItem, DataError, dataset_dir, load_hu, read_split
-from simcrop.eval.loader import EvalError
+from simcrop.data.ctrate import CTRateItem, dataset_dir, load_hu, read_split
+from simcrop.data.errors import DataError
+from simcrop.eval.errors import EvalError
 
 
 def read_items(root, split: str) -> list[CTRateItem]:
@@ -206,6 +208,14 @@ def read_grounding_cases(root, split: str, regions: str | None = None, limit: in
     return cases
 
 
+def patch_voxels(volume: torch.Tensor, patch) -> torch.Tensor:
+    """volume [1, X, Y, Z] (the encoder's input, already centre-cropped) -> the raw input patches [N, P], in the
+    encoder's token order (simcrop.ops.reference.patchify3d; P = px * py * pz)."""
+    from simcrop.ops.reference import patchify3d
+
+    return patchify3d(volume[None].float(), tuple(patch))[0]
+
+
 def patch_fractions(mask: np.ndarray, size, patch) -> np.ndarray:
     """mask [X, Y, Z] (stored grid) -> [N] share of each patch's voxels in the mask after the evaluation's
     centre crop (patch order n = (ix * gy + iy) * gz + iz, as the encoder's tokens)."""
@@ -223,21 +233,33 @@ class SegCase:
     label: object  # callable -> int label map [X, Y, Z]
 
 
+def synthetic_finding_names(root, split: str) -> list[str]:
+    """The finding types of a synthetic dataset (its labels CSV's columns): simcrop.data.synthetic.FINDINGS
+    for the realistic phantoms, TESTBED_TYPES for the grounding testbed."""
+    path = dataset_dir(root) / "synthetic_ground_truth" / f"{split}_labels.csv"
+    if not path.is_file():
+        raise EvalError(f"{path}: synthetic labels CSV not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return [c for c in header if c != "VolumeName"]
+
+
 def synthetic_seg_cases(root, split: str, target: str) -> tuple[list[SegCase], list[str]]:
     """Synthetic cases with label maps: target 'lesions' (background / lesion), 'findings' (background + one
     class per finding type) or 'anatomy' (the 12 anatomy labels, 'outside' = background)."""
-    from simcrop.data.synthetic import ANATOMY_LABELS, FINDINGS
+    from simcrop.data.synthetic import ANATOMY_LABELS
 
     ds = dataset_dir(root)
     gt = ds / "synthetic_ground_truth"
     if not (gt / split).is_dir():
         raise EvalError(f"{gt / split}: no synthetic label maps; segmentation needs synthetic data or --pairs <csv>")
+    finding_names = synthetic_finding_names(root, split)
     if target == "anatomy":
         classes = [ANATOMY_LABELS[i] for i in sorted(ANATOMY_LABELS)]
     elif target == "lesions":
         classes = ["background", "lesion"]
     elif target == "findings":
-        classes = ["background", *FINDINGS]
+        classes = ["background", *finding_names]
     else:
         raise EvalError(f"--target must be lesions, findings or anatomy, got {target!r}")
     infos = {}
@@ -246,7 +268,7 @@ def synthetic_seg_cases(root, split: str, target: str) -> tuple[list[SegCase], l
             for line in f:
                 if line.strip():
                     rec = json.loads(line)
-                    infos[rec["VolumeName"]] = {L["id"]: FINDINGS.index(L["finding"]) + 1 for L in rec["lesions"]}
+                    infos[rec["VolumeName"]] = {L["id"]: finding_names.index(L["finding"]) + 1 for L in rec["lesions"]}
 
     def label_fn(name):
         def load():

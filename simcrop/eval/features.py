@@ -21,7 +21,7 @@ import torch
 
 from simcrop.data.text import tokenize_findings
 from simcrop.eval.data import load_volume
-from simcrop.eval.loader import EvalError
+from simcrop.eval.errors import EvalError
 from simcrop.models.text import sentence_mean
 
 CACHE_VERSION = 1

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from simcrop.data.text import split_sentences
-from simcrop.eval import metrics as M
-from simcrop.eval.data import center_crop_zero, load_volume, patch_fractions
+from simcrop.eval import metrics
+from simcrop.eval.data import center_crop_zero, load_volume, patch_fractions, patch_voxels
 from simcrop.eval.features import patch_embeddings, text_token_features
 from simcrop.models.text import sentence_mean
 
@@ -42,30 +42,26 @@ def sentence_patch_similarity(model, text, volume: torch.Tensor, findings: str, 
     v = patch_embeddings(model, volume.to(device))  # [N, Dp]
     u, sids, n_kept = text_token_features(model, text, [findings], m.findings_max_len, m.max_sentences, device)
     s, valid = sentence_mean(u, sids, m.max_sentences)  # [1, M, Dp], [1, M]
-    s = s[0, valid[0]]  # [M_kept, Dp]
-    return (F.normalize(s.float(), dim=-1) @ F.normalize(v.float(), dim=-1).T).cpu()  # [M_kept, N]
+    s = functional.normalize(s[0, valid[0]].float(), dim=-1)  # [M_kept, Dp]
+    return (s @ functional.normalize(v.float(), dim=-1).T).cpu()  # [M_kept, N]
 
 
 @torch.no_grad()
 def fusion_token_attention(model, text, volume: torch.Tensor, findings: str, device):
     """The fusion layer's word-patch cross-attention on the unmasked findings: (attention [L, N] averaged over
-    heads, each row summing to 1; sentence_ids [L]). Queries: frozen tower -> head_q -> fusion self-attention;
-    keys: Z = Linear(H) of all N patches of the unmasked volume [1, 1, X, Y, Z]."""
+    heads, each row summing to 1; sentence_ids [L]). Queries: frozen tower -> head_q -> the fusion layer's own
+    stages (CrossGranularityFusion.attention_map); keys: Z = Linear(H) of all N patches of the unmasked volume
+    [1, 1, X, Y, Z]."""
     from simcrop.data.text import tokenize_findings
 
-    m, f = model.cfg, model.fusion
+    m = model.cfg
     h = model.encoder.forward_volume(volume.to(device))[:, 1:]  # [1, N, D]
     z = model.image_to_fusion(h)  # [1, N, Df]
     tok = tokenize_findings(text.tokenizer, findings, m.findings_max_len, m.max_sentences)
     used = int(tok["attention_mask"].sum())
     ids, mask = tok["input_ids"][None, :used].to(device), tok["attention_mask"][None, :used].to(device)
     q0 = model.head_q(text(ids, mask))  # [1, L, Df]
-    a = f.self_norm(q0 + f.self_attn(q0, key_padding=mask.bool()))  # [1, L, Df] (dropout off in eval)
-    B, L, D = a.shape
-    H = f.heads
-    q = f.q(a).reshape(B, L, H, D // H).transpose(1, 2)  # [1, H, L, Dh]
-    k = f.kv(z).reshape(B, z.shape[1], 2, H, D // H)[:, :, 0].transpose(1, 2)  # [1, H, N, Dh]
-    attn = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * (D // H) ** -0.5, dim=-1)  # [1, H, L, N]
+    attn = model.fusion.attention_map(q0, mask.bool(), z)  # [1, H, L, N]
     return attn.mean(1)[0].cpu(), tok["sentence_ids"][:used]
 
 
@@ -93,11 +89,11 @@ def sentence_scores(sim_j: np.ndarray, control: np.ndarray, inside: np.ndarray, 
     """One sentence's map sim_j [N] against its region inside [N] (metrics.grounding_scores), plus the share of
     its top-k patches in background [N] (beside the background's share) and the CT-mean map control [N]
     scored against the same region (control_share / control_hit / control_auroc)."""
-    scores = M.grounding_scores(sim_j, inside, k)
+    scores = metrics.grounding_scores(sim_j, inside, k)
     top = np.argsort(-np.asarray(sim_j, dtype=np.float64), kind="stable")[: scores["k"]]
     scores["background_share"] = float(background[top].mean())
     scores["background_chance"] = float(background.mean())
-    ctl = M.grounding_scores(control, inside, k)
+    ctl = metrics.grounding_scores(control, inside, k)
     scores.update(control_share=ctl["topk_share"], control_hit=ctl["hit"], control_auroc=ctl["patch_auroc"])
     return scores
 
@@ -116,7 +112,7 @@ def evaluate_case(model, text, case, device, topk: int, inside_threshold: float 
     records, details = [], []
     for j, sent in enumerate(case.sentences[: sim.shape[0]]):  # sentences past max_sentences / max_len: dropped
         frac = patch_fractions(sent.mask, cfg.img_size, cfg.patch_size)
-        inside, rule = M.patch_inside(frac, inside_threshold)
+        inside, rule = metrics.patch_inside(frac, inside_threshold)
         rec = {"volume": case.item.name, "sentence": sent.text, "finding": sent.finding,
                "group": "normal" if sent.finding == "normal" else "lesion", "rule": rule}
         if rule == "none":
@@ -129,6 +125,42 @@ def evaluate_case(model, text, case, device, topk: int, inside_threshold: float 
                         "mask": center_crop_zero(sent.mask, cfg.img_size), "scores": scores,
                         "top": top})
     return records, volume[0].numpy(), details
+
+
+class PositionShare:
+    """Streaming share of the variance of per-patch vectors that the patch position explains:
+    1 - E|v - mean over cases at that position|^2 / E|v - overall mean|^2 over cases c and positions n
+    (0: content only; 1: every case gives the same vector at a position, whatever it shows).
+
+        acc = PositionShare(); acc.add(V_c) for each case's V_c [N, D]; acc.value()
+    """
+
+    def __init__(self):
+        self.s1 = None  # [N, D] sum over cases
+        self.s2 = 0.0  # sum of |v|^2 over cases and positions
+        self.c = 0
+
+    def add(self, v: torch.Tensor) -> None:
+        v = v.double().cpu()  # [N, D]
+        self.s1 = v.clone() if self.s1 is None else self.s1 + v
+        self.s2 += float((v * v).sum())
+        self.c += 1
+
+    def value(self) -> float:
+        if self.c < 2:
+            return float("nan")
+        n = self.s1.shape[0]
+        within = self.s2 - float((self.s1 * self.s1).sum()) / self.c  # sum |v - mean at position|^2
+        total = self.s2 - float((self.s1.sum(0) ** 2).sum()) / (self.c * n)  # sum |v - overall mean|^2
+        return float(1.0 - within / total) if total > 0 else float("nan")
+
+
+def position_share(vectors: torch.Tensor) -> float:
+    """V [C, N, D] (cases, positions, features) -> PositionShare of the L2-normalised vectors."""
+    acc = PositionShare()
+    for v in vectors:
+        acc.add(functional.normalize(v.float(), dim=-1))
+    return acc.value()
 
 
 @torch.no_grad()
@@ -146,7 +178,10 @@ def selection_diagnostic(model, text, cases, device, draws: int = 4, inside_thre
       the visible patches (chance), split into lesion / normal sentences;
     - position share: the share of the variance of the normalised g_v(H_i) of the unmasked volumes that the
       patch position explains (1 - E|v - mean over cases at that position|^2 / E|v - overall mean|^2): near 1,
-      a sentence can only pick positions, whatever the volume shows.
+      a sentence can only pick positions, whatever the volume shows. Beside it the same statistic of the RAW
+      input patches (position_share_raw: how much of it the data already has, e.g. anatomy at fixed places;
+      position_share_raw_unnormalised: of the patch voxels as they are) and of the encoder tokens H_i before g_v
+      (position_share_tokens).
     """
     from simcrop import ops
 
@@ -154,29 +189,34 @@ def selection_diagnostic(model, text, cases, device, draws: int = 4, inside_thre
     gen = torch.Generator().manual_seed(seed)
     hits, hits_rand, n = 0, 0, 0
     ground = {"lesion": [], "normal": []}
-    unmasked = []
+    shares = {k: PositionShare() for k in ("gv", "raw", "raw_unnormalised", "tokens")}
     for case in cases:
         texts = [t.text for t in case.sentences]
         findings = " ".join(texts)
         vol = load_volume(case.item, cfg.img_size)[None].to(device)  # [1, 1, X, Y, Z]
-        unmasked.append(F.normalize(patch_embeddings(model, vol).float(), dim=-1).cpu())  # [N, Dp]
+        h = model.encoder.forward_volume(vol)[0, 1:]  # [N, D] unmasked tokens
+        shares["gv"].add(functional.normalize(model.head_v(h).float(), dim=-1))  # [N, Dp]
+        shares["tokens"].add(functional.normalize(h.float(), dim=-1))
+        raw = patch_voxels(vol[0].cpu(), cfg.patch_size)  # [N, P] the input patches
+        shares["raw"].add(functional.normalize(raw, dim=-1))
+        shares["raw_unnormalised"].add(raw)
         u, sids, _ = text_token_features(model, text, [findings], cfg.findings_max_len, cfg.max_sentences, device)
         sent, valid = sentence_mean(u, sids, cfg.max_sentences)  # [1, M, Dp], [1, M]
-        S = F.normalize(sent[0, valid[0]].float(), dim=-1)  # [m, Dp]
+        S = functional.normalize(sent[0, valid[0]].float(), dim=-1)  # [m, Dp]
         m = S.shape[0]
         if m < 2:
             continue
-        inside = [M.patch_inside(patch_fractions(t.mask, cfg.img_size, cfg.patch_size), inside_threshold)[0]
+        inside = [metrics.patch_inside(patch_fractions(t.mask, cfg.img_size, cfg.patch_size), inside_threshold)[0]
                   for t in case.sentences[:m]]
         for _ in range(draws):
             noise = torch.rand(1, model.num_patches, generator=gen).to(device)
-            visible, _, _, ids_keep = model.mask_and_embed(vol, noise)
-            v = model.head_v(model.encoder(visible, ids_keep)[:, 1:])  # [1, n_keep, Dp]
+            visible, _, _, ids_keep = model.mask_patches(vol, noise)
+            v = model.head_v(model.encode(visible, ids_keep)[:, 1:])  # [1, n_keep, Dp]
             a, idx, _ = ops.topk_align(v, sent, valid, K, None, backend="reference")  # [1, M, Dp], [1, M, K]
-            A = F.normalize(a[0, valid[0]].float(), dim=-1)
+            A = functional.normalize(a[0, valid[0]].float(), dim=-1)
             hits += int(((S @ A.T).argmax(1) == torch.arange(m, device=S.device)).sum())
             pick = torch.stack([torch.randperm(v.shape[1], generator=gen)[:K] for _ in range(m)])  # [m, K]
-            R = F.normalize(v[0][pick.to(device)].mean(1).float(), dim=-1)
+            R = functional.normalize(v[0][pick.to(device)].mean(1).float(), dim=-1)
             hits_rand += int(((S @ R.T).argmax(1) == torch.arange(m, device=S.device)).sum())
             n += m
             keep = ids_keep[0].cpu().numpy()
@@ -189,9 +229,10 @@ def selection_diagnostic(model, text, cases, device, draws: int = 4, inside_thre
     out = {"draws": draws, "k": K, "sentences": n,
            "discrimination_topk": hits / max(n, 1), "discrimination_random_k": hits_rand / max(n, 1),
            "discrimination_chance": float(np.mean([1.0 / min(len(c.sentences), cfg.max_sentences) for c in cases]))}
-    V = torch.stack(unmasked)  # [C, N, Dp]
-    total = ((V - V.mean((0, 1))) ** 2).sum(-1).mean()
-    out["position_share"] = float(1 - ((V - V.mean(0)) ** 2).sum(-1).mean() / total) if len(V) > 1 else float("nan")
+    out["position_share"] = shares["gv"].value()
+    out["position_share_raw"] = shares["raw"].value()
+    out["position_share_raw_unnormalised"] = shares["raw_unnormalised"].value()
+    out["position_share_tokens"] = shares["tokens"].value()
     for grp, vals in ground.items():
         out[f"masked_{grp}_share"] = float(np.mean([v[0] for v in vals])) if vals else float("nan")
         out[f"masked_{grp}_chance"] = float(np.mean([v[1] for v in vals])) if vals else float("nan")
@@ -199,14 +240,19 @@ def selection_diagnostic(model, text, cases, device, draws: int = 4, inside_thre
 
 
 def aggregate(records: list[dict]) -> dict:
-    """Means (with standard errors) per group ('all', 'lesion', 'normal') and per finding."""
+    """Means (with standard errors) per group ('all', 'lesion', 'normal') and per finding; 'lesion_pointing':
+    the lesion sentences only, their pointing hit beside its chance and the CT-mean control's hit."""
     scored = [r for r in records if "skipped" not in r]
 
     def block(rs):
         out = {"n": len(rs)}
         for key in ("topk_share", "hit", "chance", "patch_auroc", "background_share", "background_chance",
                     "control_share", "control_hit", "control_auroc"):
-            out[key] = M.summarize(r[key] for r in rs)
+            out[key] = metrics.summarize(r[key] for r in rs)
+        # the pointing game per sentence against its chance and against the CT-mean control (a seed-level
+        # bootstrap can resample the per-sentence records in "sentences")
+        out["hit_minus_chance"] = metrics.summarize(r["hit"] - r["chance"] for r in rs)
+        out["hit_minus_control"] = metrics.summarize(r["hit"] - r["control_hit"] for r in rs)
         share, chance = out["topk_share"]["mean"], out["chance"]["mean"]
         out["lift"] = share / chance if rs and chance > 0 else float("nan")
         out["rules"] = {k: sum(r["rule"] == k for r in rs) for k in ("half", "any")}
@@ -215,7 +261,13 @@ def aggregate(records: list[dict]) -> dict:
     groups = {"all": scored, "lesion": [r for r in scored if r["group"] == "lesion"],
               "normal": [r for r in scored if r["group"] == "normal"]}
     findings = sorted({r["finding"] for r in scored})
-    return {"groups": {g: block(rs) for g, rs in groups.items()},
+    lesion = groups["lesion"]
+    pointing = {"n": len(lesion), "n_cases": len({r["volume"] for r in lesion})}
+    for key in ("hit", "chance", "control_hit"):
+        pointing[key] = metrics.summarize(r[key] for r in lesion)
+    pointing["hit_minus_chance"] = metrics.summarize(r["hit"] - r["chance"] for r in lesion)
+    pointing["hit_minus_control"] = metrics.summarize(r["hit"] - r["control_hit"] for r in lesion)
+    return {"groups": {g: block(rs) for g, rs in groups.items()}, "lesion_pointing": pointing,
             "findings": {f: block([r for r in scored if r["finding"] == f]) for f in findings},
             "skipped": sum("skipped" in r for r in records)}
 
@@ -298,7 +350,7 @@ def run_grounding(model, text, cases, device, topk: int | None = None, inside_th
                       label=what)
             drawn.append(str(path))
     if not any("skipped" not in r for r in records):
-        from simcrop.eval.loader import EvalError
+        from simcrop.eval.errors import EvalError
 
         raise EvalError("no sentence with a region inside the crop: nothing to ground")
     return {"k": k, "map": map_name, "inside_threshold": inside_threshold, "n_cases": len(cases), **aggregate(records),
@@ -333,8 +385,29 @@ def markdown(res: dict, title: str) -> str:
         md_table(header, [row(g, b) for g, b in res["groups"].items()]),
         "By finding:",
         md_table(header, [row(f, b) for f, b in res["findings"].items()]),
+        _pointing_md(res),
         ("Pictures: " + ", ".join(f"`{Path(p).name}`" for p in res["figures"])) if res["figures"] else "",
         _diagnostic_md(res.get("diagnostic")),
+    ])
+
+
+def _pointing_md(res: dict) -> str:
+    from simcrop.eval.report import fmt, md_table
+
+    p = res.get("lesion_pointing")
+    if not p or not p["n"]:
+        return ""
+
+    def pm(b):
+        return f"{fmt(b['mean'])} ± {fmt(b['sem'])}"
+
+    return "\n\n".join([
+        f"Lesion sentences only ({p['n']} sentences of {p['n_cases']} cases): pointing hit (the argmax patch in the "
+        f"region) against its chance (the region's share of patches) and against the CT-mean map's hit. Grounding "
+        f"needs both differences above 0; per-sentence values are in the JSON's `sentences` (for a bootstrap).",
+        md_table(["pointing hit", "chance", "CT-mean control hit", "hit - chance", "hit - control"],
+                 [[pm(p["hit"]), pm(p["chance"]), pm(p["control_hit"]), pm(p["hit_minus_chance"]),
+                   pm(p["hit_minus_control"])]]),
     ])
 
 
@@ -351,7 +424,10 @@ def _diagnostic_md(d: dict | None) -> str:
              f"random K patches {fmt(d['discrimination_random_k'])}, chance {fmt(d['discrimination_chance'])}"],
             ["lesion sentences: top-K share in region", d["masked_lesion_share"], f"chance {fmt(d['masked_lesion_chance'])}"],
             ["normal sentences: top-K share in region", d["masked_normal_share"], f"chance {fmt(d['masked_normal_chance'])}"],
-            ["share of g_v variance explained by patch position", d.get("position_share"), "0 = content only"],
+            ["share of g_v variance explained by patch position", d.get("position_share"),
+             f"0 = content only; raw input patches {fmt(d.get('position_share_raw', float('nan')))} (unnormalised "
+             f"{fmt(d.get('position_share_raw_unnormalised', float('nan')))}), encoder tokens "
+             f"{fmt(d.get('position_share_tokens', float('nan')))}"],
         ]),
         "Top-K selection by itself makes the pooled patches resemble their sentence, so discrimination well above "
         "the random-K value with region shares at chance means the within-CT InfoNCE is being met without "

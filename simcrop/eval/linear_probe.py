@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from simcrop.eval import metrics as M
-from simcrop.eval.loader import EvalError
+from simcrop.eval.errors import EvalError
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from simcrop.eval import metrics as M
 from simcrop.eval.data import SegCase, load_seg_image, pad_min
-from simcrop.eval.loader import EvalError
+from simcrop.eval.errors import EvalError
 from simcrop.models.vit3d import ViT3DEncoder
 
 

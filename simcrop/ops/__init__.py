@@ -31,6 +31,7 @@ __all__ = [
     "patchify3d",
     "reference",
     "register_fused",
+    "soft_pool_align",
     "topk_align",
     "unpatchify3d",
 ]
@@ -58,3 +59,11 @@ def cross_granularity_attention(q, k, v, g, q_mask, backend: str = "auto"):
     """softmax(q k^T / sqrt(Dh)) v + g at every real query: q [B, H, L, Dh], k, v [B, H, N, Dh], g [B, H, Dh]."""
     impl, _ = resolve("cross_granularity_attention", backend, q.device)
     return impl(q, k, v, g, q_mask)
+
+
+def soft_pool_align(v, s, sent_mask=None, tau_pool: float = 0.05, backend: str = "auto"):
+    """Soft pooling of every CT's patches per sentence: v [C, N, D], s [B, M, D] -> a [B, M, C, D] (float32),
+    a[b, j, c] = sum_i softmax_i(cos(s_bj, v_ci) / tau_pool) v_ci. Reference only so far (docs/ops.md): `fused`
+    raises BackendUnavailable, `auto` takes the reference."""
+    impl, _ = resolve("soft_pool_align", backend, v.device)
+    return impl(v, s, sent_mask, tau_pool)

@@ -1,13 +1,14 @@
-"""Where simcrop's Triton kernels can run: Triton installed, and a CUDA device or the Triton interpreter (CPU).
+"""What simcrop's two Triton ops (simcrop/ops/topk_align.py, cross_granularity_attention.py) share: where their
+kernels can run, launch arithmetic, input checks, launching on the current stream, ahead-of-time compilation.
 
-The kernel modules (kernels/<op>.py, installed as simcrop.kernels.<op>) are imported lazily, on the first launch:
-`import simcrop.ops` never imports Triton. Triton decides interpreter vs compiler when a kernel is decorated, i.e.
-when its module is imported, so TRITON_INTERPRET=1 must be set before that import; the CPU path is offered only
-while TRITON_INTERPRET is set AND the kernels were decorated under it.
+The kernel modules (kernels/<op>.py, installed as simcrop.kernels.<op>) are imported lazily, by a plain
+`from simcrop.kernels import <op>` inside the op's launch functions: `import simcrop.ops` never imports Triton.
+Triton decides interpreter vs compiler when a kernel is decorated, i.e. when its module is imported, so
+TRITON_INTERPRET=1 must be set before that import; the CPU path is offered only while TRITON_INTERPRET is set AND
+the kernels were decorated under it (`unavailable`).
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -15,10 +16,14 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
+
+from simcrop.ops.backend import BackendUnavailable
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # decided once, without importing Triton
 
 _TRUE = ("1", "true", "yes", "on", "y")  # the values Triton's own TRITON_INTERPRET knob accepts
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels read (fp32 accumulation)
 
 
 def has_triton() -> bool:
@@ -31,11 +36,30 @@ def interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
-def kernel_module(op: str) -> ModuleType:
-    """simcrop.kernels.<op>, imported on first use (this decorates its kernels)."""
-    if interpret_requested():
-        _fix_interpreter_index()
-    return importlib.import_module(f"simcrop.kernels.{op}")
+# -- launch arithmetic --------------------------------------------------------------------------------------------
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block shapes are powers of two."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b: programs along one grid axis."""
+    return -(-a // b)
+
+
+# -- input checks (the messages name the op: "<op> (triton): ...") -------------------------------------------------
+def check_float(name: str, **tensors: Tensor) -> None:
+    """TypeError unless every tensor is float32, bfloat16 or float16."""
+    for label, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: {label} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_same_device(name: str, ref_label: str, ref: Tensor, **others: Tensor | None) -> None:
+    """ValueError unless every tensor of `others` (None = absent, skipped) is on ref's device."""
+    for label, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name}: {label} is on {t.device} but {ref_label} is on {ref.device}")
 
 
 def _fix_interpreter_index() -> None:
@@ -85,6 +109,13 @@ def unavailable(op: str, kernel: str, device: torch.device) -> str | None:
     return None
 
 
+def require(op: str, kernel: str, device: torch.device) -> None:
+    """BackendUnavailable with the reason unless simcrop.kernels.<op>.<kernel> can run on `device`."""
+    reason = unavailable(op, kernel, device)
+    if reason is not None:
+        raise BackendUnavailable(f"{op} (triton) cannot run on {device}: {reason}")
+
+
 class Launch(NamedTuple):
     """One kernel launch: kernel name in its simcrop.kernels module, grid, positional args, constexprs + options."""
 
@@ -95,14 +126,17 @@ class Launch(NamedTuple):
 
 
 def launch(module: ModuleType, spec: Launch) -> None:
-    """Run `spec` on the current stream of its first tensor's device (Triton launches on the current device);
-    never synchronises."""
+    """Run `spec` with the kernels of `module` (a simcrop.kernels.<op>) on the current stream of its first tensor's
+    device (Triton launches on the current device); never synchronises."""
+    kernel = getattr(module, spec.kernel)
+    if is_interpreted(kernel):
+        _fix_interpreter_index()  # before the interpreter runs it: the interpreter patches tl.tensor per launch
     device = spec.args[0].device
     if device.type == "cuda":
         with torch.cuda.device(device):
-            getattr(module, spec.kernel)[spec.grid](*spec.args, **spec.meta)
+            kernel[spec.grid](*spec.args, **spec.meta)
     else:
-        getattr(module, spec.kernel)[spec.grid](*spec.args, **spec.meta)
+        kernel[spec.grid](*spec.args, **spec.meta)
 
 
 def compile_for_target(module: ModuleType, spec: Launch, arch: int = 90) -> dict[str, Any]:

@@ -17,35 +17,30 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from simcrop.ops._triton import Launch, is_interpreted, kernel_module, launch, unavailable
-from simcrop.ops.backend import BackendUnavailable, register_fused
+from simcrop.ops._triton import (
+    FLOAT_DTYPES,
+    Launch,
+    cdiv,
+    check_same_device,
+    is_interpreted,
+    launch,
+    pow2,
+    require,
+    unavailable,
+)
+from simcrop.ops.backend import register_fused
 
 __all__ = ["cross_granularity_attention", "check", "launches", "MAX_DH"]
 
 MAX_DH = 256
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOG2E = 1.4426950408889634
 _alloc = torch.empty  # output allocation (tests swap in a poisoning allocator)
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_PROBE = "cga_fwd_kernel"  # the kernel whose decoration tells interpreter from compiler
 
 
 def check(device: torch.device) -> str | None:
     """None when the Triton cross_granularity_attention can run on `device`, else why not."""
-    return unavailable("cross_granularity_attention", "cga_fwd_kernel", torch.device(device))
-
-
-def _require(device: torch.device) -> None:
-    reason = check(device)
-    if reason is not None:
-        raise BackendUnavailable(f"cross_granularity_attention (triton) cannot run on {device}: {reason}")
+    return unavailable("cross_granularity_attention", _PROBE, torch.device(device))
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, g: Tensor, q_mask: Tensor, scale: float) -> None:
@@ -66,9 +61,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, g: Tensor, q_mask: Tensor, scale:
             f"{name}: q, k, v must share one dtype of float32 / bfloat16 / float16 (g any of them), "
             f"got q {q.dtype}, k {k.dtype}, v {v.dtype}, g {g.dtype}"
         )
-    for label, t in (("k", k), ("v", v), ("g", g), ("q_mask", q_mask)):
-        if t.device != q.device:
-            raise ValueError(f"{name}: {label} is on {t.device} but q is on {q.device}")
+    check_same_device(name, "q", q, k=k, v=v, g=g, q_mask=q_mask)
     if Dh > MAX_DH or k.shape[2] < 1:
         raise ValueError(
             f"{name}: supports 1 <= N and Dh <= {MAX_DH}, got N = {k.shape[2]}, Dh = {Dh} (use backend='reference')"
@@ -80,7 +73,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, g: Tensor, q_mask: Tensor, scale:
 def _config(kernel: str, dtype: torch.dtype, dh: int) -> dict[str, Any]:
     """Tile sizes per kernel, chosen so that ptxas reports no register spills for sm_90 (checked ahead of time by
     the tests). 16-bit inputs take bigger tiles than fp32, whose dots run on FMA units (input_precision='ieee')."""
-    block_d = max(16, _pow2(dh))
+    block_d = max(16, pow2(dh))
     half = dtype != torch.float32
     tiles = {  # (BLOCK_L, BLOCK_N) for (16-bit, Dh <= 128), (16-bit, Dh 256), (fp32, Dh <= 128), (fp32, Dh 256)
         "fwd": ((64, 64), (32, 32), (32, 32), (16, 32)),
@@ -107,7 +100,7 @@ def _fwd_launch(q, k, v, g, q_mask, scale, out, lse, upcast: bool) -> Launch:
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *mask.stride(),
         H, L, N, Dh, scale * LOG2E,
     )
-    return Launch("cga_fwd_kernel", (_cdiv(L, meta["BLOCK_L"]), B * H), args, dict(meta, UPCAST=upcast))
+    return Launch("cga_fwd_kernel", (cdiv(L, meta["BLOCK_L"]), B * H), args, dict(meta, UPCAST=upcast))
 
 
 def _bwd_launches(grad_out, q, k, v, g, q_mask, out, lse, scale, delta, dq, dk, dv, dg, upcast: bool) -> list[Launch]:
@@ -115,7 +108,7 @@ def _bwd_launches(grad_out, q, k, v, g, q_mask, out, lse, scale, delta, dq, dk, 
     B, H, L, Dh = q.shape
     N = k.shape[2]
     mask = q_mask.view(torch.uint8)
-    block_d = max(16, _pow2(Dh))
+    block_d = max(16, pow2(Dh))
     pre = Launch(
         "cga_bwd_preprocess_kernel", (B * H,),
         (out, grad_out, g, mask, delta, dg, *grad_out.stride(), *g.stride(), *mask.stride(), H, L, Dh),
@@ -125,10 +118,10 @@ def _bwd_launches(grad_out, q, k, v, g, q_mask, out, lse, scale, delta, dq, dk, 
     dkdv, dqc = _config("dkdv", q.dtype, Dh), _config("dq", q.dtype, Dh)
     return [
         pre,
-        Launch("cga_bwd_dkdv_kernel", (_cdiv(N, dkdv["BLOCK_N"]), B * H),
+        Launch("cga_bwd_dkdv_kernel", (cdiv(N, dkdv["BLOCK_N"]), B * H),
                (q, k, v, mask, grad_out, lse, delta, dk, dv, *strides, H, L, N, Dh, scale * LOG2E, scale),
                dict(dkdv, UPCAST=upcast)),
-        Launch("cga_bwd_dq_kernel", (_cdiv(L, dqc["BLOCK_L"]), B * H),
+        Launch("cga_bwd_dq_kernel", (cdiv(L, dqc["BLOCK_L"]), B * H),
                (q, k, v, mask, grad_out, lse, delta, dq, *strides, H, L, N, Dh, scale * LOG2E, scale),
                dict(dqc, UPCAST=upcast)),
     ]
@@ -153,14 +146,15 @@ def cross_granularity_attention_op(
 ) -> tuple[Tensor, Tensor]:
     """(out [B, H, L, Dh] in q's dtype, lse [B, H, L] fp32 base-2 log-sum-exp of the scaled scores)."""
     _validate(q, k, v, g, q_mask, scale)
-    _require(q.device)
+    require("cross_granularity_attention", _PROBE, q.device)
     B, H, L, Dh = q.shape
     out = _alloc(B, H, L, Dh, dtype=q.dtype, device=q.device)
     lse = _alloc(B, H, L, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    kern = kernel_module("cross_granularity_attention")
-    launch(kern, _fwd_launch(q, k, v, g, q_mask, scale, out, lse, _upcast(kern, q.dtype)))
+    from simcrop.kernels import cross_granularity_attention as kernels  # lazily: imports Triton
+
+    launch(kernels, _fwd_launch(q, k, v, g, q_mask, scale, out, lse, _upcast(kernels, q.dtype)))
     return out, lse
 
 
@@ -178,19 +172,20 @@ def cross_granularity_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dg) in the dtypes of q, k, v, g, from the forward's out and lse."""
     _validate_backward(grad_out, q, out, lse)
-    _require(q.device)
+    require("cross_granularity_attention", _PROBE, q.device)
     B, H, L, Dh = q.shape
     dq, dk, dv, dg = (_alloc(t.shape, dtype=t.dtype, device=q.device) for t in (q, k, v, g))
     if B * H * Dh == 0:
         return dq, dk, dv, dg
     if L == 0:
         return dq, dk.zero_(), dv.zero_(), dg.zero_()
-    kern = kernel_module("cross_granularity_attention")
+    from simcrop.kernels import cross_granularity_attention as kernels
+
     delta = _alloc(B, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO' * attention output)
     specs = _bwd_launches(grad_out, q, k, v, g, q_mask, out.contiguous(), lse.contiguous(), scale, delta,
-                          dq, dk, dv, dg, _upcast(kern, q.dtype))
+                          dq, dk, dv, dg, _upcast(kernels, q.dtype))
     for spec in specs:  # in order: preprocess (delta, dg), then dk/dv, then dq
-        launch(kern, spec)
+        launch(kernels, spec)
     return dq, dk, dv, dg
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "masked_mse",
     "topk_align",
     "cross_granularity_attention",
+    "soft_pool_align",
     "l2_normalize",
     "num_visible",
 ]
@@ -217,6 +218,45 @@ def cross_granularity_attention(
     out = torch.einsum("bhln,bhnd->bhld", attn, v.float()) + g.float().unsqueeze(2)  # [B, H, L, Dh]
     out = out * q_mask[:, None, :, None].to(out.dtype)
     return out.to(q.dtype)
+
+
+def soft_pool_align(
+    v: torch.Tensor,
+    s: torch.Tensor,
+    sent_mask: torch.Tensor | None = None,
+    tau_pool: float = 0.05,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Soft similarity pooling of every CT's patches for every sentence (the cross-CT alignment extension).
+
+    v [C, N, D] visible patch features of C candidate CTs, s [B, M, D] sentence features, sent_mask [B, M] bool
+    or None (all real). sim[b, j, c, i] = cos(s_bj, v_ci) (eps as topk_align);
+    w[b, j, c, :] = softmax_i(sim[b, j, c, :] / tau_pool);  a[b, j, c] = sum_i w[b, j, c, i] v_ci (UN-normalised v).
+    Returns a [B, M, C, D] in float32 (float64 when v or s is float64); zeros for padding sentences.
+    Gradients reach every patch of every CT (through the weights and the pooled values) and s (through the
+    weights): nothing is selected. Memory: a matmul [B*M, D] x [C*N, D]^T -> [B*M, C*N] similarities, softmax per
+    (b, j, c), then a batched [C, B*M, N] x [C, N, D] -> pooled; never B x C x N x D (docs/ops.md gives the sum).
+    """
+    if v.dim() != 3 or s.dim() != 3 or s.shape[2] != v.shape[2]:
+        raise ValueError(f"soft_pool_align: v must be [C, N, D] and s [B, M, D], got {tuple(v.shape)} and {tuple(s.shape)}")
+    C, N, D = v.shape
+    B, M = s.shape[:2]
+    if sent_mask is not None and sent_mask.shape != (B, M):
+        raise ValueError(f"soft_pool_align: sent_mask shape {tuple(sent_mask.shape)} != [B, M] = {(B, M)}")
+    if not tau_pool > 0:
+        raise ValueError(f"soft_pool_align: tau_pool must be > 0, got {tau_pool}")
+    dtype = torch.float64 if torch.float64 in (v.dtype, s.dtype) else torch.float32
+    with torch.autocast(v.device.type, enabled=False):  # float32 as documented, also inside a bf16 autocast region
+        vf = v.to(dtype)  # [C, N, D]
+        sn = l2_normalize(s.to(dtype), eps).reshape(B * M, D)  # [B*M, D]
+        vn = l2_normalize(vf, eps).reshape(C * N, D)  # [C*N, D]
+        logits = ((sn / tau_pool) @ vn.T).view(B * M, C, N)  # [B*M, C, N] = cos(s_bj, v_ci) / tau_pool
+        w = torch.softmax(logits, dim=-1)  # [B*M, C, N], per (b, j, c) over CT c's patches
+        a = torch.bmm(w.transpose(0, 1), vf).transpose(0, 1)  # [C, B*M, N] x [C, N, D] -> [B*M, C, D]
+        a = a.reshape(B, M, C, D)
+        if sent_mask is not None:
+            a = a * sent_mask[:, :, None, None].to(dtype)
+    return a
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -16,29 +16,30 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from simcrop.ops._triton import Launch, kernel_module, launch, unavailable
-from simcrop.ops.backend import BackendUnavailable, register_fused
+from simcrop.ops._triton import (
+    FLOAT_DTYPES,
+    Launch,
+    cdiv,
+    check_float,
+    check_same_device,
+    launch,
+    pow2,
+    require,
+    unavailable,
+)
+from simcrop.ops.backend import register_fused
 
 __all__ = ["topk_align", "check", "launches", "MAX_N", "MAX_M", "MAX_K"]
 
 MAX_N, MAX_M, MAX_K = 4096, 64, 64
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REGS = 4096  # elements of the [BLOCK_M, N_PAD] key tile (int64) one program keeps in registers
 _TILE = 8192  # elements of one broadcast product tile
 _alloc = torch.empty  # output allocation (tests swap in a poisoning allocator)
+_PROBE = "topk_align_fwd_kernel"  # the kernel whose decoration tells interpreter from compiler
 
 
 def _alloc_idx(B: int, M: int, k: int, device) -> Tensor:
     return _alloc(B, M, k, dtype=torch.int64, device=device)
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,7 +49,7 @@ def _sm_count(device: torch.device) -> int:
 
 def check(device: torch.device) -> str | None:
     """None when the Triton topk_align can run on `device`, else why not (simcrop.ops.backend contract)."""
-    return unavailable("topk_align", "topk_align_fwd_kernel", torch.device(device))
+    return unavailable("topk_align", _PROBE, torch.device(device))
 
 
 def _validate(v: Tensor, s: Tensor, sent_mask: Tensor, k: int, k_per_sentence: Optional[Tensor], eps: float):
@@ -59,9 +60,7 @@ def _validate(v: Tensor, s: Tensor, sent_mask: Tensor, k: int, k_per_sentence: O
     M = s.shape[1]
     if s.shape[0] != B or s.shape[2] != D:
         raise ValueError(f"{name}: v is [B, N, D] = {tuple(v.shape)} but s is {tuple(s.shape)}")
-    for t, label in ((v, "v"), (s, "s")):
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: {label} must be float32, bfloat16 or float16, got {t.dtype}")
+    check_float(name, v=v, s=s)
     if sent_mask.shape != (B, M) or sent_mask.dtype != torch.bool:
         raise ValueError(
             f"{name}: sent_mask must be bool [B, M] = {(B, M)}, got {sent_mask.dtype} {tuple(sent_mask.shape)}"
@@ -73,9 +72,7 @@ def _validate(v: Tensor, s: Tensor, sent_mask: Tensor, k: int, k_per_sentence: O
                 f"{name}: k_per_sentence must be an integer [B, M] = {(B, M)} tensor, "
                 f"got {k_per_sentence.dtype} {tuple(k_per_sentence.shape)}"
             )
-    for label, t in (("s", s), ("sent_mask", sent_mask), ("k_per_sentence", k_per_sentence)):
-        if t is not None and t.device != v.device:
-            raise ValueError(f"{name}: {label} is on {t.device} but v is on {v.device}")
+    check_same_device(name, "v", v, s=s, sent_mask=sent_mask, k_per_sentence=k_per_sentence)
     if not 1 <= k <= N:
         raise ValueError(f"{name}: K = {k} must be in 1..N, N = {N} visible patches")
     if k > MAX_K or N > MAX_N or M > MAX_M:
@@ -87,23 +84,17 @@ def _validate(v: Tensor, s: Tensor, sent_mask: Tensor, k: int, k_per_sentence: O
         raise ValueError(f"{name}: eps must be > 0, got {eps}")
 
 
-def _require(device: torch.device) -> None:
-    reason = check(device)
-    if reason is not None:
-        raise BackendUnavailable(f"topk_align (triton) cannot run on {device}: {reason}")
-
-
 def _fwd_launch(v, s, sent_mask, k, k_per_sentence, eps, a, idx, sim) -> Launch:
     """topk_align_fwd_kernel's launch: one program per (block of BLOCK_M sentences, b)."""
     B, N, D = v.shape
     M = s.shape[1]
-    n_pad = max(_pow2(N), 16)
+    n_pad = max(pow2(N), 16)
     block_n = min(n_pad, 64)
-    block_m = max(1, min(_REGS // n_pad, _pow2(M), 16))
+    block_m = max(1, min(_REGS // n_pad, pow2(M), 16))
     if v.device.type == "cuda":  # fewer sentences per program until there is a program for every SM
-        while block_m > 1 and B * _cdiv(M, block_m) < _sm_count(v.device):
+        while block_m > 1 and B * cdiv(M, block_m) < _sm_count(v.device):
             block_m //= 2
-    k_pad = _pow2(k)
+    k_pad = pow2(k)
     mask = sent_mask.view(torch.uint8)  # [B, M] 0/1 bytes, no copy
     kps = k_per_sentence if k_per_sentence is not None else mask  # a valid pointer; unread without HAS_KPS
     args = (
@@ -112,22 +103,22 @@ def _fwd_launch(v, s, sent_mask, k, k_per_sentence, eps, a, idx, sim) -> Launch:
     )
     meta = dict(
         HAS_KPS=k_per_sentence is not None, BLOCK_M=block_m, BLOCK_N=block_n, N_TILES=n_pad // block_n,
-        BLOCK_D=max(1, min(_TILE // (block_m * block_n), _pow2(D))), K_PAD=k_pad,
-        POOL_D=max(1, min(_TILE // (block_m * k_pad), _pow2(D))), num_warps=4,
+        BLOCK_D=max(1, min(_TILE // (block_m * block_n), pow2(D))), K_PAD=k_pad,
+        POOL_D=max(1, min(_TILE // (block_m * k_pad), pow2(D))), num_warps=4,
     )
-    return Launch("topk_align_fwd_kernel", (_cdiv(M, block_m), B), args, meta)
+    return Launch("topk_align_fwd_kernel", (cdiv(M, block_m), B), args, meta)
 
 
 def _bwd_launch(grad_a, idx, grad_v) -> Launch:
     """topk_align_bwd_kernel's launch: one program per (block of BLOCK_N patches, b)."""
     B, M, D = grad_a.shape
     n, K = grad_v.shape[1], idx.shape[2]
-    m_pad = max(16, _pow2(M))
+    m_pad = max(16, pow2(M))
     block_n = 64 if m_pad <= 32 else 32  # W [BLOCK_N, M_PAD] and the dot operands fit registers (no spills)
-    block_d = min(64 if m_pad <= 32 else 32, max(16, _pow2(D)))
+    block_d = min(64 if m_pad <= 32 else 32, max(16, pow2(D)))
     args = (grad_a, idx, grad_v, n, M, D, K, *grad_a.stride())
     meta = dict(BLOCK_N=block_n, M_PAD=m_pad, BLOCK_D=block_d, num_warps=4)
-    return Launch("topk_align_bwd_kernel", (_cdiv(n, block_n), B), args, meta)
+    return Launch("topk_align_bwd_kernel", (cdiv(n, block_n), B), args, meta)
 
 
 def launches(v, s, sent_mask, k, k_per_sentence=None, eps=1e-6) -> list[Launch]:
@@ -147,7 +138,7 @@ def topk_align_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(a [B, M, D], idx [B, M, K] int64, sim [B, M, K] fp32); see the module docstring."""
     _validate(v, s, sent_mask, k, k_per_sentence, eps)
-    _require(v.device)
+    require("topk_align", _PROBE, v.device)
     B, N, D = v.shape
     M = s.shape[1]
     a = _alloc(B, M, D, dtype=v.dtype, device=v.device)
@@ -155,7 +146,9 @@ def topk_align_op(
     sim = _alloc(B, M, k, dtype=torch.float32, device=v.device)
     if B * M == 0:
         return a, idx, sim
-    launch(kernel_module("topk_align"), _fwd_launch(v, s, sent_mask, k, k_per_sentence, eps, a, idx, sim))
+    from simcrop.kernels import topk_align as kernels  # lazily: imports Triton, decorates the kernels
+
+    launch(kernels, _fwd_launch(v, s, sent_mask, k, k_per_sentence, eps, a, idx, sim))
     return a, idx, sim
 
 
@@ -175,12 +168,14 @@ def _topk_align_fake(v, s, sent_mask, k, k_per_sentence, eps):
 def topk_align_backward_op(grad_a: Tensor, idx: Tensor, n: int) -> Tensor:
     """grad_a [B, M, D], idx [B, M, K] (from the forward) -> grad_v [B, n, D] in grad_a's dtype."""
     _validate_backward(grad_a, idx, n)
-    _require(grad_a.device)
+    require("topk_align", _PROBE, grad_a.device)
     B, M, D = grad_a.shape
     grad_v = _alloc(B, n, D, dtype=grad_a.dtype, device=grad_a.device)
     if grad_v.numel() == 0:
         return grad_v
-    launch(kernel_module("topk_align"), _bwd_launch(grad_a, idx.contiguous(), grad_v))
+    from simcrop.kernels import topk_align as kernels
+
+    launch(kernels, _bwd_launch(grad_a, idx.contiguous(), grad_v))
     return grad_v
 
 

@@ -80,8 +80,8 @@ def dataset(setup, train=True, **aug) -> PreparedPretrainDataset:
     return PreparedPretrainDataset(prep, enc.tokenizer, spec, train=train, split="train", encoder_name=enc.name)
 
 
-def assert_same(a: dict, b: dict):
-    assert list(a) == list(b) == list(KEYS)
+def assert_same(a: dict, b: dict, keys=KEYS):
+    assert list(a) == list(b) == list(keys)
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert torch.equal(a[k], b[k]), k
@@ -147,7 +147,7 @@ def test_make_loader_auto_and_errors(setup, monkeypatch):
 
 
 def test_prepared_dataset_errors(setup, tmp_path):
-    from simcrop.data.ctrate import DataError
+    from simcrop.data.errors import DataError
 
     prep, enc, _ = setup
     spec = SampleSpec.from_config(make_config("tiny", text_encoder="tiny-bert"))
@@ -160,3 +160,32 @@ def test_prepared_dataset_errors(setup, tmp_path):
         PreparedPretrainDataset(prep, enc.tokenizer, big)
     with pytest.raises(DataError, match="no prepared item in split 'test'"):
         PreparedPretrainDataset(prep, enc.tokenizer, spec, split="test")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_raw_and_prepared_datasets_make_identical_samples(setup, monkeypatch, train):
+    """Given the same HU volume and report, PretrainDataset (CT-RATE layout) and PreparedPretrainDataset (tokenising
+    here, or from the cache) give the same samples: both go through simcrop.data.sample.SampleBuilder."""
+    from simcrop.data import pretrain
+    from simcrop.data.ctrate import read_split
+
+    prep, enc, src = setup
+    spec = SampleSpec.from_config(make_config("tiny", text_encoder="tiny-bert"))
+    spec = dataclasses.replace(spec, augment=dataclasses.replace(spec.augment, flip_prob=0.5, shift_prob=0.5))
+    ready = {c: PreparedPretrainDataset(prep, enc.tokenizer, spec, train=train, split="train", encoder_name=enc.name,
+                                        use_cache=c) for c in ("off", "require")}
+    names = [e["name"] for e in ready["off"].items]
+
+    def stem(item):  # prepared names drop the extension
+        return item.name.removesuffix(".nii.gz")
+
+    monkeypatch.setattr(pretrain, "load_hu", lambda item: ready["off"].load_volume(names.index(stem(item))).numpy())
+    items = read_split(src, "train")
+    assert [stem(it) for it in items] == names and len(names) >= 3  # same items at the same indices
+    raw = PretrainDataset(items, enc.tokenizer, spec, train=train)
+    for i in range(len(items)):
+        for epoch in (0, 2):
+            a, b, c = raw[(i, epoch)], ready["off"][(i, epoch)], ready["require"][(i, epoch)]
+            assert_same(a, b, KEYS[:-1])
+            c.pop("findings_feats")  # the cache adds the text features, the rest is the same
+            assert_same(a, c, KEYS[:-1])

@@ -156,7 +156,7 @@ def _settings(cache, **kw) -> Settings:
 
 def test_cached_text_matches_the_encoder_and_is_rebuilt_when_it_changes(prepared, ctrate, cache, tmp_path):
     from simcrop.models.text import FrozenTextEncoder
-    from simcrop.train import TextFeatures
+    from simcrop.models.text import TextFeatures
 
     info, entries = read_prepared(prepared)
     enc = FrozenTextEncoder("tiny-bert", cache_dir=cache, corpus=prepared_corpus(prepared))

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from simcrop.data.ctrate import DataError
+from simcrop.data.errors import DataError
 from simcrop.data.prepare import resample
 from simcrop.data.readers import (affine_from_dicom_geometry, axcodes, read_dicom_series, read_nifti, read_nrrd,
                                   read_volume, spacing_of, to_ras)

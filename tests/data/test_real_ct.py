@@ -101,10 +101,10 @@ def test_train_tiny_preset_two_steps_from_prepared_synthetic(tmp_path, monkeypat
     tiny-bert from the prepared corpus, PreparedPretrainDataset, make_loader('dali'), cached findings features."""
     import torch
 
-    import simcrop.train as T
+    import simcrop.pretraining as T
     from simcrop.config import make_config
     from simcrop.data.loader import make_loader
-    from simcrop.data.prepared import build_prepared_data, is_prepared, prepared_corpus
+    from simcrop.data.prepared import build_prepared_data, is_prepared
     from simcrop.data.synthetic import write_dataset
 
     src = write_dataset(tmp_path / "src", n=6)
@@ -138,7 +138,6 @@ def test_train_tiny_preset_two_steps_from_prepared_synthetic(tmp_path, monkeypat
                            device=self.device, log=logs.append)
 
     monkeypatch.setattr(T, "data_root", lambda cfg: Path(cfg.data.data) if is_prepared(cfg.data.data) else None)
-    monkeypatch.setattr(T, "report_corpus", lambda root, split="train": prepared_corpus(root, split))
     monkeypatch.setattr(T, "build_text_encoder", text_encoder)
     monkeypatch.setattr(T, "build_data", lambda cfg, tok, root, split="train":
                         build_prepared_data(cfg, encoders[-1], root, split, log=logs.append))

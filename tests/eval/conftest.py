@@ -17,12 +17,11 @@ def eval_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, eval_data, eval_cache) -> Path:
+def tiny_run(tmp_path_factory, eval_data, eval_cache, train_args) -> Path:
     from simcrop.train import main
 
     out = tmp_path_factory.mktemp("eval_run") / "run"
-    rc = main(["--data", str(eval_data), "--cache-dir", str(eval_cache), "--out", str(out), "--text-encoder",
-               "tiny-bert", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--no-progress"])
+    rc = main(train_args(out, "--steps", "2", data=eval_data, cache_dir=eval_cache))
     assert rc == 0
     return out
 

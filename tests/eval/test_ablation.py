@@ -2,12 +2,12 @@
 import csv
 import json
 
-from simcrop.eval.cli import main
+from simcrop.experiments.ablation import main
 
 
 def test_ablation_tiny_budget(eval_data, eval_cache, tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"
-    argv = ["ablation", "--out", str(out), "--work", str(work), "--data", str(eval_data), "--cache-dir", str(eval_cache),
+    argv = ["--out", str(out), "--work", str(work), "--data", str(eval_data), "--cache-dir", str(eval_cache),
             "--variants", "random,mim,full", "--steps", "1", "--text-encoder", "tiny-bert",
             "--train-args", "--batch-size 2 --warmup-steps 1", "--probe-epochs", "2", "--probe-repeats", "1",
             "--skip", "segment,zeroshot", "--figures", "0"]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from simcrop.eval import load_pretrained
 from simcrop.eval.cli import main
-from simcrop.eval.loader import EvalError
+from simcrop.eval.errors import EvalError
 
 
 def run(task, ckpt, data, cache, out, *extra):

@@ -48,3 +48,18 @@ def test_maps_match_the_model(tiny_checkpoint, eval_data, eval_cache, monkeypatc
     amap = fusion_attention_map(model, text, vol, findings, "cpu")
     assert amap.shape == sim.shape
     torch.testing.assert_close(amap.sum(-1), torch.ones(amap.shape[0]))
+
+
+def test_selection_diagnostic_runs_the_model_stages(tiny_checkpoint, eval_data, eval_cache):
+    """selection_diagnostic drives the MAE stages itself (mask_patches -> encode); its shares are proportions."""
+    from simcrop.eval.grounding import selection_diagnostic
+
+    cfg, model, text = load_pretrained(tiny_checkpoint, cache_dir=eval_cache)
+    cases = read_grounding_cases(eval_data, "valid", limit=2)
+    out = selection_diagnostic(model, text, cases, "cpu", draws=1)
+    assert out["draws"] == 1 and out["k"] == cfg.model.topk and out["sentences"] > 0
+    for key in ("discrimination_topk", "discrimination_random_k", "discrimination_chance"):
+        assert 0 <= out[key] <= 1, key
+    # the position diagnostic beside the same statistic of the raw input patches and of the encoder tokens
+    for key in ("position_share", "position_share_raw", "position_share_raw_unnormalised", "position_share_tokens"):
+        assert 0 <= out[key] <= 1, key

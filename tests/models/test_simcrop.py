@@ -37,11 +37,6 @@ def test_loss_weights_and_switches():
         make_config("tiny", use_mim=False, use_mlm=False, use_align=False)
 
 
-def test_topk_larger_than_visible_patches_is_a_config_error():
-    with pytest.raises(ConfigError, match="topk K = 17 is larger than the 16 visible patches"):
-        make_config("tiny", topk=17)
-
-
 def test_patch_embedding_equals_conv3d():
     enc = vit3d.ViT3DEncoder((32, 32, 16), (16, 16, 8), dim=48, depth=1, heads=2)
     x = torch.randn(2, 1, 32, 32, 16)

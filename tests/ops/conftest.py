@@ -1,26 +1,42 @@
-"""Fixtures of the Triton operator tests (test_topk_align.py, test_cross_granularity_attention.py).
+"""What the operator tests in this folder share: CUDA-only marking, the Triton device, output poisoning, the C++
+extension requirement, ahead-of-time compilation of the Triton kernels.
 
-All are opt-in (none is autouse), so the other tests in this folder are untouched. In particular TRITON_INTERPRET
-is set only while a module that asks for `triton_device` runs, and restored afterwards: with it unset, the
-`auto` backend keeps choosing the reference on CPU for every other test of the session.
+- `@pytest.mark.cuda` (pyproject: "needs a CUDA GPU (skipped without one)"): every such test here gets a skipif
+  mark without a GPU: it is collected and reported as skipped, never missing.
+- The fixtures are opt-in (none is autouse), so each test file states what it needs. In particular
+  TRITON_INTERPRET is set only while a module that asks for `triton_device` runs, and restored afterwards: with
+  it unset, the `auto` backend keeps choosing the reference on CPU for every other test of the session.
 """
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from simcrop.ops.extension import ext_reason, has_ext
+
+HERE = Path(__file__).resolve().parent
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
 AOT_PRELUDE = """
-import json, torch
+import importlib, json, torch
 from simcrop.ops import _triton
 
 def report(op, specs, arch=90):
-    module = _triton.kernel_module(op)
+    module = importlib.import_module(f"simcrop.kernels.{op}")  # here without TRITON_INTERPRET: GPU kernels
     for spec in specs:
         print(json.dumps(_triton.compile_for_target(module, spec, arch)))
 """
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of this folder marked `cuda` skip without a CUDA GPU (the hook sees the whole session: filter)."""
+    for item in items:
+        if item.get_closest_marker("cuda") is not None and item.path.is_relative_to(HERE):
+            item.add_marker(NEEDS_CUDA)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +70,14 @@ def _poisoned_empty(*size, **kwargs):
 def poison(monkeypatch):
     """poison(module): outputs allocated by that simcrop.ops module start as NaN / -7."""
     return lambda module: monkeypatch.setattr(module, "_alloc", _poisoned_empty)
+
+
+@pytest.fixture
+def require_extension():
+    """Fail (not skip) when simcrop._C is not built: the C++ op tests must run in CI
+    (`pytestmark = pytest.mark.usefixtures("require_extension")`)."""
+    if not has_ext():
+        pytest.fail(f"simcrop._C is not available ({ext_reason()}); CI must build it first", pytrace=False)
 
 
 @pytest.fixture

@@ -26,10 +26,6 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16:
 CASES = [(2, 3, 13, 37, 16), (1, 2, 70, 65, 24), (2, 1, 1, 1, 8)]
 
 
-def cuda_only(test):
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
-
-
 def make_inputs(B, H, L, N, Dh, device, dtype=torch.float32, seed=0):
     """q, k, v laid out as the fusion layer makes them (views of [B, L, H*Dh] / [B, N, 2*H*Dh]: not contiguous)."""
     g = torch.Generator().manual_seed(seed)
@@ -173,12 +169,12 @@ for dtype in (torch.bfloat16, torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(14, 6, 512, 686, 128), (2, 3, 13, 37, 16), (2, 2, 100, 70, 256)],
                          ids=["paper", "odd", "dh256"])
-@cuda_only
+@pytest.mark.cuda  # skipped without a GPU (tests/ops/conftest.py)
 def test_cuda_dtypes_and_shapes(dtype, shape):
     check_against_float64(*make_inputs(*shape, "cuda", dtype=dtype), tol=TOL[dtype])
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_cuda_matches_sdpa():
     """Independent check: the attention part equals PyTorch's scaled_dot_product_attention (bf16, paper shape)."""
     q, k, v, g, mask = make_inputs(14, 6, 512, 686, 128, "cuda", dtype=torch.bfloat16)

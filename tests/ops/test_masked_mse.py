@@ -12,9 +12,11 @@ from torch.library import opcheck
 
 import simcrop.ops as ops
 from simcrop.ops import reference as R
-from simcrop.ops.extension import check_device, ext_reason, has_cuda_ext, has_ext
+from simcrop.ops.extension import check_device, has_cuda_ext
 
 fused = importlib.import_module("simcrop.ops.masked_mse")  # the module (simcrop.ops.masked_mse is the wrapper)
+
+pytestmark = pytest.mark.usefixtures("require_extension")  # tests/ops/conftest.py: fails when not built
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Inputs are rounded to the dtype first and the oracle sees the same values, so the loss error is float32
@@ -30,16 +32,6 @@ SHAPES = [
     ((1, 2, 4, 6, 10), (1, 3, 2)),
 ]
 IDS = [f"{'x'.join(map(str, s))}-p{'x'.join(map(str, p))}" for s, p in SHAPES]
-cuda = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _require_extension():
-    if not has_ext():
-        pytest.fail(f"simcrop._C is not available ({ext_reason()}); CI must build it first", pytrace=False)
 
 
 def oracle(pred, x, mask, patch, norm_pix=False, normalization="masked", eps=1e-6):
@@ -193,8 +185,8 @@ def test_clear_errors():
 @pytest.mark.parametrize("norm_pix", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,patch", SHAPES, ids=IDS)
-@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda)])
-def test_cuda_matches_oracle(shape, patch, dtype, norm_pix, _):
+@pytest.mark.cuda
+def test_cuda_matches_oracle(shape, patch, dtype, norm_pix):
     assert has_cuda_ext(), check_device(torch.device("cuda"))
     pred, x, mask = inputs(shape, patch, dtype, device="cuda")
     pred.requires_grad_()
@@ -206,8 +198,8 @@ def test_cuda_matches_oracle(shape, patch, dtype, norm_pix, _):
     torch.testing.assert_close(g.double(), g_want, rtol=GRAD_TOL[dtype][0], atol=GRAD_TOL[dtype][1])
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda)])
-def test_cuda_gradcheck_opcheck_compile(_):
+@pytest.mark.cuda
+def test_cuda_gradcheck_opcheck_compile():
     shape, patch = (2, 2, 4, 3, 4), (2, 1, 2)
     pred, x, mask = inputs(shape, patch, torch.float64, device="cuda")
     pred.requires_grad_()

@@ -16,7 +16,7 @@ from torch.library import opcheck
 import simcrop.ops as ops
 from simcrop.ops import reference as R
 from simcrop.ops.backend import BackendUnavailable, resolve
-from simcrop.ops.extension import check_device, ext_reason, has_cuda_ext, has_ext
+from simcrop.ops.extension import check_device, has_cuda_ext
 from simcrop.ops.patchify import masked_patchify, masked_unpatchify, patchify3d, unpatchify3d
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -29,16 +29,8 @@ SHAPES = [
     ((1, 3, 12, 4, 9), (4, 4, 3)),
 ]
 IDS = [f"{'x'.join(map(str, s))}-p{'x'.join(map(str, p))}" for s, p in SHAPES]
-cuda = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
 
-
-@pytest.fixture(autouse=True)
-def _require_extension():
-    if not has_ext():
-        pytest.fail(f"simcrop._C is not available ({ext_reason()}); CI must build it first", pytrace=False)
+pytestmark = pytest.mark.usefixtures("require_extension")  # tests/ops/conftest.py: fails when not built
 
 
 def _n(shape, patch):
@@ -251,8 +243,8 @@ def test_cuda_check_reason():
 # -- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,patch", SHAPES, ids=IDS)
-@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda)])
-def test_cuda_matches_reference(shape, patch, dtype, _):
+@pytest.mark.cuda
+def test_cuda_matches_reference(shape, patch, dtype):
     assert has_cuda_ext(), check_device(torch.device("cuda"))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dtype).cuda().requires_grad_()
@@ -269,8 +261,8 @@ def test_cuda_matches_reference(shape, patch, dtype, _):
     assert torch.equal(unpatchify3d(p, patch, shape[2:], shape[1]), x.detach())
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda)])
-def test_cuda_opcheck_and_compile(_):
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
     shape, patch = (2, 3, 4, 6, 2), [2, 3, 1]
     x = torch.randn(shape, device="cuda", requires_grad=True)
     ids_keep = torch.stack([torch.randperm(8)[:3] for _ in range(2)]).cuda()

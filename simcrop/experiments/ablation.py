@@ -1,41 +1,56 @@
 """The project's ablation: pre-train variants with one budget, evaluate each the same way, tabulate.
 
-    python -m simcrop.eval ablation --out docs/ablation --work runs/ablation --steps 300
+    python -m simcrop.experiments.ablation --out docs/ablation --work runs/ablation --steps 300
+    python -m simcrop.eval ablation ...          (the same)
 
-Variants (all the tiny preset, same seed, data, steps and schedule; `simcrop.train.main`):
+Variants (all the tiny preset, same seed, data, steps and schedule; simcrop.pretraining.Trainer):
   random   no pre-training (the full architecture at its initialisation: step-0 checkpoint)
-  mim      L_MIM only                 (--no-use-mlm --no-use-align)
-  mim_mlm  L_MIM + L_MLM              (--no-use-align)
+  mim      L_MIM only                 (use_mlm=False, use_align=False)
+  mim_mlm  L_MIM + L_MLM              (use_align=False)
   full     SimCroP: L_MIM + L_MLM + L_align
-  full_xct SimCroP + the sentence-volume contrast (--w-align-volume 1; an extension, docs/method.md)
-  (optional: mim_align --no-use-mlm, align --no-use-mim --no-use-mlm)
-Each is evaluated on the held-out split by the CLI tasks: linear probe (1/10/100 %), grounding (needs the
+  full_xct SimCroP + the sentence-volume contrast (w_align_volume=1; an extension, docs/method.md)
+  (optional: mim_align use_mlm=False, align use_mim=False use_mlm=False)
+Each is evaluated on the held-out split by simcrop.eval.tasks: linear probe (1/10/100 %), grounding (needs the
 alignment heads: random and full only; random heads = a measured chance baseline), segmentation (UNETR,
 lesions), and zero-shot / retrieval where the heads exist. Writes <out>/ablation.{md,csv,json,png}; every
 variant's runs and results stay in --work (re-running skips what is done).
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import csv
 import json
+import os
 import platform
 import shlex
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from simcrop.eval.loader import EvalError
+from simcrop import factory
+from simcrop.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from simcrop.config import Config, ConfigError, add_config_arguments, make_config
+from simcrop.data.errors import DataError
+from simcrop.eval import tasks
+from simcrop.eval.errors import EvalError
+from simcrop.eval.linear_probe import ProbeSettings
+from simcrop.eval.session import EvalSession
+from simcrop.pretraining import Trainer, TrainingStopped
 
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "random": ("none (random init)", []),
-    "mim": ("MIM", ["--no-use-mlm", "--no-use-align"]),
-    "mim_mlm": ("MIM + MLM", ["--no-use-align"]),
-    "mim_align": ("MIM + align", ["--no-use-mlm"]),
-    "align": ("align", ["--no-use-mim", "--no-use-mlm"]),
-    "full": ("MIM + MLM + align (SimCroP)", []),
-    "full_xct": ("SimCroP + sentence-volume term", ["--w-align-volume", "1"]),
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "random": ("none (random init)", {}),
+    "mim": ("MIM", {"use_mlm": False, "use_align": False}),
+    "mim_mlm": ("MIM + MLM", {"use_align": False}),
+    "mim_align": ("MIM + align", {"use_mlm": False}),
+    "align": ("align", {"use_mim": False, "use_mlm": False}),
+    "full": ("MIM + MLM + align (SimCroP)", {}),
+    "full_xct": ("SimCroP + sentence-volume term", {"w_align_volume": 1.0}),
 }
 DEFAULT_VARIANTS = ("random", "mim", "mim_mlm", "full", "full_xct")
 
@@ -49,7 +64,8 @@ def add_ablation_args(p) -> None:
     p.add_argument("--steps", type=int, default=300, help="pre-training steps of every variant")
     p.add_argument("--text-encoder", default="minilm", help="frozen text tower of every variant")
     p.add_argument("--seed", type=int, default=42, help="pre-training seed (the same for every variant)")
-    p.add_argument("--train-args", default="", help="extra simcrop.train flags for every variant (one string)")
+    p.add_argument("--train-args", default="", help="extra training flags for every variant, as for "
+                                                    "the training command line takes them (one string)")
     p.add_argument("--probe-epochs", type=int, default=200, help="linear probe: longest training")
     p.add_argument("--probe-repeats", type=int, default=3, help="linear probe: draws of the 1%%/10%% subsets")
     p.add_argument("--seg-steps", type=int, default=300, help="UNETR training steps")
@@ -61,48 +77,48 @@ def add_ablation_args(p) -> None:
                    help="segmentation labels (see segment --help)")
     p.add_argument("--seg-max-test", type=int, default=0, help="segmentation test volumes (0 = all)")
     p.add_argument("--figures", type=int, default=4, help="grounding pictures per variant")
-    p.add_argument("--device", default="auto", help="evaluation device (pre-training: simcrop.train's --device)")
+    p.add_argument("--device", default="auto", help="evaluation device (pre-training: --train-args '--device ...')")
     p.add_argument("--skip", default="", help="comma list of evaluations to skip: probe,grounding,segment,zeroshot")
 
 
 def _data_root(args) -> Path:
-    if args.data:
-        return Path(args.data)
-    from simcrop.data.synthetic import ensure_default_dataset
-    from simcrop.eval.loader import default_cache_dir
-    from simcrop.config import make_config
-
-    cfg = make_config("tiny")
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(cfg)
-    return ensure_default_dataset(cache, n=cfg.data.synthetic_n)
+    return factory.data_root(make_config("tiny"), args.data or None, args.cache_dir or None)
 
 
-def _common_train_args(args, root: Path) -> list[str]:
-    out = ["--preset", "tiny", "--data", str(root), "--text-encoder", args.text_encoder, "--steps", str(args.steps),
-           "--warmup-steps", str(max(1, args.steps // 10)), "--seed", str(args.seed), "--ckpt-every",
-           str(args.steps), "--no-progress", "--log-every", "10"]
+def _train_overrides(text: str) -> dict[str, Any]:
+    """--train-args '--batch-size 2 --no-use-mlm' -> {'batch_size': 2, 'use_mlm': False} (config fields only)."""
+    parser = argparse.ArgumentParser(prog="--train-args", add_help=False)
+    add_config_arguments(parser)
+    try:
+        ns = parser.parse_args(shlex.split(text))
+    except SystemExit:
+        raise ConfigError(f"--train-args {text!r}: not valid training flags "
+                          f"(see the training command's --help)") from None
+    if ns.preset != "tiny":
+        raise ConfigError("--train-args: the ablation runs the tiny preset; --preset cannot change")
+    return {k: v for k, v in vars(ns).items() if v is not None and k != "preset"}
+
+
+def variant_config(variant: str, args, root: Path) -> Config:
+    """The tiny preset with the ablation's shared budget, the variant's loss switches and --train-args."""
+    shared = dict(data=str(root), text_encoder=args.text_encoder, steps=args.steps,
+                  warmup_steps=max(1, args.steps // 10), seed=args.seed, ckpt_every=args.steps, progress=False,
+                  log_every=10, out=str(Path(args.work) / variant / "run"))
     if args.cache_dir:
-        out += ["--cache-dir", args.cache_dir]
-    return out + args.train_args.split()
+        shared["cache_dir"] = args.cache_dir
+    return make_config("tiny", **{**shared, **VARIANTS[variant][1], **_train_overrides(args.train_args)})
 
 
-def write_random_checkpoint(run: Path, train_argv: list[str]) -> Path:
-    """Step-0 checkpoint of the full model at its initialisation (what simcrop.train would start from)."""
-    from simcrop.checkpoint import latest_checkpoint, save_checkpoint
-    from simcrop.config import add_config_arguments, config_from_args
-    from simcrop.train import build_model, build_text_encoder, data_root, seed_everything
-    import argparse
-
+def write_random_checkpoint(cfg: Config) -> Path:
+    """Step-0 checkpoint of the full model at its initialisation (what the trainer would start from)."""
+    run = Path(cfg.train.out)
     done = latest_checkpoint(run)
     if done is not None:
         return done
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(train_argv + ["--out", str(run)]))
-    seed_everything(cfg.train.seed)
-    root = data_root(cfg)
-    text = build_text_encoder(cfg, root)
-    model = build_model(cfg, text)
+    factory.seed_everything(cfg.train.seed)
+    root = factory.data_root(cfg)
+    text = factory.build_text_encoder(cfg, root)
+    model = factory.build_model(cfg, text)
     saved = cfg.to_dict()
     saved["text_encoder_id"] = text.name
     return save_checkpoint(run, 0, model.state_dict(), {"step": 0, "text_encoder": text.name}, saved)
@@ -110,69 +126,81 @@ def write_random_checkpoint(run: Path, train_argv: list[str]) -> Path:
 
 def pretrain(variant: str, args, root: Path, work: Path, log) -> tuple[Path, float]:
     """The variant's checkpoint (trained now unless already there) and its pre-training seconds."""
-    from simcrop.checkpoint import latest_checkpoint
-    from simcrop.train import main as train_main
-
-    run = work / variant / "run"
-    argv = _common_train_args(args, root) + VARIANTS[variant][1] + ["--out", str(run)]
+    cfg = variant_config(variant, args, root)
     if variant == "random":
-        return write_random_checkpoint(run, argv), 0.0
+        return write_random_checkpoint(cfg), 0.0
+    run = Path(cfg.train.out)
     timing = work / variant / "pretrain_seconds.json"
     done = latest_checkpoint(run)
     if done is not None and done.name == f"step_{args.steps:08d}" and timing.is_file():
         return done, json.loads(timing.read_text())["seconds"]
     if done is not None:
-        argv += ["--resume", "auto"]
-    log(f"[{variant}] pre-training {args.steps} steps: python -m simcrop.train {' '.join(argv)}")
+        cfg.train.resume = "auto"
+    log(f"[{variant}] pre-training {args.steps} steps into {run}")
     t0 = time.perf_counter()
-    if train_main(argv) != 0:
-        raise EvalError(f"pre-training of variant {variant} failed (see the message above)")
+    Trainer(cfg, log=log).run()
     seconds = time.perf_counter() - t0
     timing.write_text(json.dumps({"seconds": seconds}))
     return latest_checkpoint(run), seconds
 
 
-def _evaluate(variant: str, ckpt: Path, args, root: Path, work: Path, log) -> dict:
-    from simcrop.eval.cli import main as eval_main
+@dataclass
+class _Job:
+    """One evaluation of a variant: its result file and how to make it."""
+    name: str  # the key in the variant's results (the table reads these)
+    result: Path  # <task>.json written by the task
+    run: Callable[[EvalSession], dict]
+    out: Path  # the session's output folder for this job
 
+
+def _jobs(variant: str, ckpt: Path, args, work: Path) -> list[_Job]:
     out = work / variant / "eval"
-    common = ["--checkpoint", str(ckpt), "--data", str(root), "--out", str(out), "--device", args.device]
-    if args.cache_dir:
-        common += ["--cache-dir", args.cache_dir]
     model_cfg = json.loads((ckpt / "config.json").read_text())["model"]
     has_align, has_mlm = model_cfg["use_align"], model_cfg["use_mlm"]
     skip = set(filter(None, args.skip.split(",")))
     jobs = []
     if "probe" not in skip:
-        jobs.append(("linear-probe", ["--epochs", str(args.probe_epochs), "--repeats", str(args.probe_repeats)]))
+        probe = ProbeSettings(epochs=args.probe_epochs, repeats=args.probe_repeats)
+        jobs.append(_Job("linear-probe", out / "linear-probe.json", lambda s: tasks.run_linear_probe(s, probe), out))
     if has_align and "grounding" not in skip:
-        jobs.append(("grounding", ["--figures", str(args.figures), "--diagnose", "4"]))
+        align = tasks.GroundingOptions(figures=args.figures, diagnose=4)
+        jobs.append(_Job("grounding", out / "grounding.json", lambda s: tasks.run_grounding(s, align), out))
     if has_mlm and "grounding" not in skip:
-        jobs.append(("grounding-fusion", ["--map", "fusion", "--figures", str(args.figures)]))
+        fusion = tasks.GroundingOptions(figures=args.figures, map="fusion")
+        jobs.append(_Job("grounding-fusion", out / "grounding-fusion.json",
+                         lambda s: tasks.run_grounding(s, fusion), out))
     if has_align and "zeroshot" not in skip:
-        jobs += [("zero-shot", []), ("retrieval", [])]
+        jobs.append(_Job("zero-shot", out / "zero-shot.json", lambda s: tasks.run_zero_shot(s), out))
+        jobs.append(_Job("retrieval", out / "retrieval.json", lambda s: tasks.run_retrieval(s), out))
     if "segment" not in skip:
         for seed in [int(v) for v in args.seg_seeds.split(",") if v.strip()]:
-            jobs.append(("segment" if seed == 0 else f"segment-seed{seed}",
-                         ["--steps", str(args.seg_steps), "--target", args.seg_target, "--max-test",
-                          str(args.seg_max_test), "--lr", str(args.seg_lr), "--feature-size",
-                          str(args.seg_feature_size), "--seg-seed", str(seed)]))
+            # seed s > 0 goes to its own folder (the task names its files "segment")
+            seg_out = out if seed == 0 else work / variant / f"eval_seg_seed{seed}"
+            opts = tasks.SegmentOptions(steps=args.seg_steps, target=args.seg_target, max_test=args.seg_max_test,
+                                        lr=args.seg_lr, feature_size=args.seg_feature_size, seed=seed)
+            jobs.append(_Job("segment" if seed == 0 else f"segment-seed{seed}", seg_out / "segment.json",
+                             lambda s, o=opts: tasks.run_segment(s, o), seg_out))
+    return jobs
+
+
+def _evaluate(variant: str, ckpt: Path, args, root: Path, work: Path, log) -> dict:
+    jobs = _jobs(variant, ckpt, args, work)
+    session = None  # loaded once, on the first job that is not done yet
     results = {}
-    for task, extra in jobs:
-        # seed s > 0 of the segmentation goes to its own folder (the CLI names its files after the task)
-        task_out = out if not task.startswith("segment-seed") else work / variant / f"eval_seg_seed{task[12:]}"
-        path = task_out / f"{task.split('-seed')[0]}.json"
-        if not path.is_file():
-            log(f"[{variant}] {task}")
+    for job in jobs:
+        if not job.result.is_file():
+            log(f"[{variant}] {job.name}")
+            if session is None:
+                session = EvalSession(ckpt, data=str(root), out=str(job.out), device=args.device,
+                                      cache_dir=args.cache_dir, log=log)
             t0 = time.perf_counter()
-            argv = [task.split("-fusion")[0].split("-seed")[0], *common, *extra]
-            argv[argv.index("--out") + 1] = str(task_out)
-            if eval_main(argv) != 0:
-                raise EvalError(f"{task} of variant {variant} failed (see the message above)")
-            data = json.loads(path.read_text())
+            job_session = copy.copy(session)
+            job_session.out = job.out
+            job.run(job_session)
+            data = json.loads(job.result.read_text())
             data["seconds"] = time.perf_counter() - t0
-            path.write_text(json.dumps(data, indent=2))
-        results[task] = json.loads(path.read_text())
+            job.result.write_text(json.dumps(data, indent=2))
+        results[job.name] = json.loads(job.result.read_text())
     return results
 
 
@@ -349,8 +377,6 @@ def draw_chart(rows: list[dict], path: Path) -> None:
 
 
 def machine() -> str:
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -364,16 +390,15 @@ def machine() -> str:
 
 
 def run_ablation(args, log=print) -> dict:
-    import sys
-
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         raise EvalError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     t0 = time.perf_counter()
     root = _data_root(args)
     work = Path(args.work)
-    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("__main__.py") else []
-    summary = {"settings": {"command": "python -m simcrop.eval " + (shlex.join(argv) if argv else "ablation ..."),
+    argv = getattr(args, "argv", None)
+    command = "python -m simcrop.experiments.ablation " + (shlex.join(argv) if argv else "...")
+    summary = {"settings": {"command": command,
         "machine": machine(), "data": str(root), "steps": args.steps,
         "text_encoder": args.text_encoder, "seed": args.seed}, "variants": {}}
     for v in args.variants.split(","):
@@ -388,3 +413,28 @@ def run_ablation(args, log=print) -> dict:
             shutil.copyfile(figs[0], Path(args.out) / f"grounding_{v}.png")
     log(f"wrote {Path(args.out) / 'ablation.md'}, .csv, .json, .png")
     return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m simcrop.experiments.ablation",
+                                description="Pre-train SimCroP variants with one budget, evaluate each the same way "
+                                            "and tabulate (docs/ablation.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_ablation_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        run_ablation(args, lambda *a, **k: print(*a, **k, flush=True))
+    except (EvalError, DataError, CheckpointError, ConfigError, TrainingStopped, FileNotFoundError) as exc:
+        print(f"simcrop.experiments.ablation: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

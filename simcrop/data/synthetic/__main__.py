@@ -1,0 +1,5 @@
+import sys
+
+from simcrop.data.synthetic.cli import main
+
+sys.exit(main())
