@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--trust-remote-code", action="store_true")
     ap.add_argument("--cache-dir", default="", help="tiny-bert build folder ('' = $SIMCROP_CACHE or ~/.cache/simcrop)")
     ap.add_argument("--device", default="auto", help="text encoder device: auto | cpu | cuda")
+    ap.add_argument("--volume-engine", default=None, choices=("fast", "reference"),
+                    help="per-volume path: fast (stored dtype, views, slice-wise resampling) or reference (the "
+                         "plain float32 path; the same output); default $SIMCROP_PREPARE_ENGINE, else fast")
     ap.add_argument("--verify", default="sha256", choices=("sha256", "size"),
                     help="how finished items are checked on a rerun")
     ap.add_argument("--limit", type=int, default=0, help="only the first N inputs (0 = all)")
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             report_max_len=args.report_max_len or model.report_max_len,
             max_sentences=args.max_sentences or model.max_sentences, feats_dtype=args.feats_dtype,
             trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, assume_spacing=args.assume_spacing,
+            **({"volume_engine": args.volume_engine} if args.volume_engine else {}),
         )
         splits = [s for s in args.splits.split(",") if s] or None
         res = run_prepare(args.src, args.out, args.format, settings, workers=args.workers, splits=splits,
