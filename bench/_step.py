@@ -37,7 +37,7 @@ from simcrop.models.text import TextFeatures
 from simcrop.models.tiny_bert import build_tiny_bert, tiny_bert_fingerprint
 from simcrop.ops.backend import describe
 from simcrop.paths import cache_root
-from simcrop.pretraining import Trainer, amp_dtype, param_groups
+from simcrop.pretraining import ADAMW_IMPLS, Trainer, amp_dtype, param_groups, resolve_adamw_impl
 
 # -- the report ---------------------------------------------------------------------------------------------------
 REPORTS = [
@@ -135,6 +135,7 @@ class Provider:
     name: str
     compile: bool
     kernels: str  # reference | auto
+    adamw_impl: str  # reference providers: 'loop' (plain PyTorch, torch's own CPU default); auto: 'auto' (fused)
     amp: str  # auto | bf16 (simcrop.pretraining.amp_dtype: auto = bf16 on CUDA, fp32 on CPU)
     grad_checkpointing: bool
 
@@ -145,7 +146,8 @@ def provider(name: str) -> Provider:
     if len(parts) < 2 or parts[0] not in ("eager", "compiled") or parts[1] not in ("reference", "auto") or \
             not set(parts[2:]) <= {"bf16", "gc"}:
         raise ValueError(f"step provider {name!r}: expected <eager|compiled>-<reference|auto>[-bf16][-gc]")
-    return Provider(name, parts[0] == "compiled", parts[1], "bf16" if "bf16" in parts else "auto", "gc" in parts)
+    return Provider(name, parts[0] == "compiled", parts[1], "loop" if parts[1] == "reference" else "auto",
+                    "bf16" if "bf16" in parts else "auto", "gc" in parts)
 
 
 def default_providers(device: torch.device) -> list[str]:
@@ -174,8 +176,8 @@ def step_config(shape: str, prov: Provider, batch_size: int, text_folder: Path, 
     """The run's Config: the shape's preset, one micro-batch per step, the provider's switches."""
     return make_config(
         SHAPES[shape].preset, batch_size=batch_size, accum_steps=1, steps=10_000, text_encoder=str(text_folder),
-        kernels=prov.kernels, compile=prov.compile, amp=prov.amp, grad_checkpointing=prov.grad_checkpointing,
-        device=str(device), progress=False,
+        kernels=prov.kernels, adamw_impl=prov.adamw_impl, compile=prov.compile, amp=prov.amp,
+        grad_checkpointing=prov.grad_checkpointing, device=str(device), progress=False,
     )
 
 
@@ -189,9 +191,9 @@ def step_trainer(cfg: Config, text, device: torch.device) -> Trainer:
     trainer.model = build_model(cfg, text).to(device)
     trainer.model.set_grad_checkpointing(t.grad_checkpointing)
     trainer.wrapped = trainer.model
-    trainer.optimizer = torch.optim.AdamW(
-        param_groups(trainer.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=False
-    )
+    trainer.adamw_impl = resolve_adamw_impl(t.adamw_impl, sharded=False)
+    trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, t.weight_decay), lr=t.lr,
+                                          betas=(t.beta1, t.beta2), **ADAMW_IMPLS[trainer.adamw_impl])
     trainer.kernels = describe(cfg.model.kernels, device)
     trainer.step, trainer.bad_steps, trainer.skipped_steps = 0, 0, 0
     trainer.features = TextFeatures(text)

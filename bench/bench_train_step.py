@@ -37,7 +37,7 @@ def trainer_factory(tmp_path_factory):
         p = _step.provider(provider)
         out = tmp_path_factory.mktemp("run")
         cfg = make_config("tiny", out=str(out), cache_dir=cache, synthetic_n=64, compile=p.compile, progress=False,
-                          kernels=p.kernels, amp=p.amp, grad_checkpointing=p.grad_checkpointing, batch_size=BATCH,
+                          kernels=p.kernels, adamw_impl=p.adamw_impl, amp=p.amp, grad_checkpointing=p.grad_checkpointing, batch_size=BATCH,
                           steps=10_000, text_encoder=os.environ.get("SIMCROP_BENCH_TEXT", "minilm"))
         return Trainer(cfg, log=lambda *_: None)
 

@@ -197,12 +197,13 @@ def test_resume_accepts_a_checkpoint_that_predates_a_new_default_off_field(data,
 
 
 def test_adamw_implementations_agree(data, cache, args, tmp_path):
-    """fused (the default) and foreach give the update of the one-parameter-at-a-time reference loop."""
+    """fused (the default) and foreach give the update of the one-parameter-at-a-time reference loop (one step
+    from the same weights and gradients: later steps would amplify rounding through the forward pass)."""
     runs = {}
     for impl in ("loop", "foreach", "fused"):
         out = tmp_path / impl
-        assert main(args(data, cache, out, "--steps", "3", "--dropout", "0", "--adamw-impl", impl)) == 0
-        runs[impl] = weights(out, 3)
+        assert main(args(data, cache, out, "--steps", "1", "--dropout", "0", "--adamw-impl", impl)) == 0
+        runs[impl] = weights(out, 1)
     for impl in ("foreach", "fused"):
         for k, ref in runs["loop"].items():
             assert torch.allclose(runs[impl][k], ref, rtol=1e-5, atol=1e-6), (impl, k)

@@ -4,8 +4,10 @@ Inputs: CT-RATE's layout (spacing, rescale, origin and direction from the metada
 unreliable) or a manifest (simcrop/data/manifest.py; CSV or JSONL: volume, findings, impression; optional name,
 split, labels, masks). A header without a voxel size is rejected unless Settings.assume_spacing states one.
 Per volume (a worker process): read -> HU -> reorient to RAS+ -> clip to [-1000, 1000] -> resample to the target
-spacing (trilinear; masks nearest) -> int16 .npy. Per report (main process, batched): tokens + sentence ids and
-the frozen text encoder's token features of the findings. Resumable: an item whose files match the manifest's
+spacing (trilinear; masks nearest) -> int16 .npy; Settings.volume_engine 'fast' (default: stored dtype, slice by
+slice, no whole-volume float or reorienting copy; resample_stored) or 'reference' (the steps as written).
+Per report (main process, batched): tokens + sentence ids and the frozen text encoder's token features of the
+findings. Resumable: an item whose files match the manifest's
 size + sha256 and whose inputs/settings are unchanged is kept; everything else is redone. Every file is written
 atomically (tmp + os.replace); every bad input ends in rejects.jsonl with its reason.
 """
@@ -684,7 +686,7 @@ class _GcPause:
     def __init__(self):
         self.was, self.n = gc.isenabled(), 0
 
-    def __enter__(self) -> "_GcPause":
+    def __enter__(self) -> _GcPause:
         gc.disable()
         return self
 

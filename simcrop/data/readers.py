@@ -473,10 +473,6 @@ class StoredVolume:
         """The reference reader's Volume (the whole volume in float32)."""
         return Volume(self.to_float(self.raw), self.affine, self.path, self.assumed)
 
-    def with_rescale(self, slope: float, intercept: float, affine: np.ndarray | None = None) -> "StoredVolume":
-        return StoredVolume(self.raw, self.affine if affine is None else affine, self.path, self.assumed,
-                            self.scaling, (float(slope), float(intercept)))
-
 
 def _nibabel_scaling(proxy) -> Callable[[np.ndarray], np.ndarray] | None:
     """nibabel's ArrayProxy._get_scaled(dtype=None) for a block (what np.asarray(img.dataobj) applies); None for

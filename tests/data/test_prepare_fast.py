@@ -14,8 +14,7 @@ import pytest
 from simcrop.data.errors import DataError
 from simcrop.data.prepare import HU_CLIP, Settings, resample, resample_stored, run_prepare
 from simcrop.data.prepared import read_jsonl
-from simcrop.data.readers import (StoredVolume, Volume, gunzip, read_nifti, read_nifti_stored, read_nrrd, read_stored,
-                                  to_ras)
+from simcrop.data.readers import Volume, gunzip, read_nifti, read_nifti_stored, read_nrrd, read_stored, to_ras
 
 ENGINES = ("fast", "reference")
 
@@ -204,7 +203,7 @@ def test_engines_same_files_and_rejects(tmp_path):
             [(r["name"], r["reason"]) for r in res["reference"]["rejects"]]
         entries = {e: read_jsonl(outs[e] / "manifest.jsonl") for e in ENGINES}
         for ef, er in zip(entries["fast"], entries["reference"]):
-            strip = lambda e: {k: v for k, v in e.items() if k != "volume"}  # noqa: E731
+            strip = lambda e: {k: v for k, v in e.items() if k != "volume"}
             assert strip(ef) == strip(er)  # geometry, hu range, masks (byte for byte: same sha256)
             a = np.load(outs["fast"] / ef["volume"]["file"]).astype(np.int32)
             b = np.load(outs["reference"] / er["volume"]["file"]).astype(np.int32)
