@@ -49,7 +49,7 @@ def test_driver_end_to_end_on_a_tiny_testbed(tmp_path, cache):
     data = write_dataset(tmp_path / "tb", n=10, seed=1, variant="testbed")
     out, work = tmp_path / "docs", tmp_path / "work"
     argv = ["--out", str(out), "--work", str(work), "--data", str(data), "--cache-dir", str(cache),
-            "--variants", "soft", "--seeds", "0,1", "--steps", "2", "--no-compile", "--figures", "0"]
+            "--experiments", "e1", "--variants", "soft", "--seeds", "0,1", "--steps", "2", "--no-compile", "--figures", "0"]
     assert E.main(argv) == 0
     res = json.loads((out / "evidence.json").read_text())
     assert set(res["summary"]) == {"soft"} and res["summary"]["soft"]["seeds"] == 2

@@ -38,6 +38,7 @@ class ProbeSettings:
     repeats: int = 3  # draws of the labelled subset for fractions < 1
     seed: int = 0
     standardize: bool = True  # z-score each feature with the train split's statistics before the probe
+    keep_scores: bool = False  # keep every draw's test probabilities [N_test, C] (for case-level bootstraps)
 
 
 def _largest_remainder(sizes: list[int], total: int) -> list[int]:
@@ -159,6 +160,8 @@ def run_probe(train_x, train_y, test_x, test_y, kind: str, class_names: list[str
     x_val, y_val = train_x[val_idx], train_y[val_idx]
     out = {"kind": kind, "standardize": s.standardize, "classes": class_names, "n_train_split": int(len(train_x)), "n_val": int(len(val_idx)),
            "n_pool": int(len(pool)), "n_test": int(len(test_x)), "fractions": {}}
+    if s.keep_scores:
+        out["test_labels"] = np.asarray(test_y).tolist()
     for f in s.fractions:
         runs = []
         for r in range(s.repeats if f < 1 else 1):
@@ -167,6 +170,8 @@ def run_probe(train_x, train_y, test_x, test_y, kind: str, class_names: list[str
             test = evaluate(head.eval(), torch.as_tensor(test_x), test_y, kind)
             runs.append({"n_labelled": int(len(sub)), "selected": {k: v for k, v in sel.items() if k != "curve"},
                          "val_curve": sel["curve"], "test": test})
+            if s.keep_scores:
+                runs[-1]["test_scores"] = _scores(head, torch.as_tensor(test_x), kind).round(6).tolist()
             log(f"  fraction {f:g} draw {r}: {len(sub)} labelled, lr {sel['lr']:g}, epoch {sel['epoch']}, "
                 f"val AUROC {sel['val_auroc']:.3f} -> test AUROC {test['auroc']:.3f}")
         agg = {}

@@ -217,7 +217,8 @@ def evaluate_segmenter(net: UNETR, cases: list[SegCase], roi, classes: list[str]
     per_class = [M.nanmean(v) for v in zip(*per_case)]
     pooled = [float(2 * inter[c] / total[c]) if total[c] else float("nan") for c in range(1, len(classes))]
     return {"classes": classes[1:], "dice_per_class": per_class, "dice": M.nanmean(per_class),
-            "dice_pooled_per_class": pooled, "dice_pooled": M.nanmean(pooled), "n_test": len(cases)}
+            "dice_pooled_per_class": pooled, "dice_pooled": M.nanmean(pooled), "n_test": len(cases),
+            "cases": [c.name for c in cases], "dice_per_case": per_case}  # [n_test][classes], NaN: class absent
 
 
 def markdown(res: dict, title: str) -> str:

@@ -2,12 +2,11 @@
 grounding testbed: pre-train each variant with several seeds, evaluate, bootstrap over seeds, decide by the
 rules written down before the runs.
 
-    python -m simcrop.experiments.evidence --out docs/evidence --work runs/evidence            # E1 + E2
-    python -m simcrop.experiments.evidence --seeds 0,1,2,3,4 --steps 600 --variants spec,soft,both
+    python -m simcrop.experiments.evidence --out docs/evidence --work runs/evidence            # E1 + E2, then E3
+    python -m simcrop.experiments.evidence --experiments e1 --seeds 0,1,2,3,4 --steps 600 --variants spec,soft,both
 
 Resumable: every run and result is kept in --work; a rerun trains and evaluates only what is missing.
-Writes <out>/evidence.{md,json,png}. E3 (the powered downstream ablation) is not run by this driver yet
-(docs/ablation.md says so).
+Writes <out>/evidence.{md,json,png} (E1, E2) and, through simcrop.experiments.downstream, <out>/e3.{md,json,png}.
 """
 from __future__ import annotations
 
@@ -23,14 +22,16 @@ from typing import Any
 import numpy as np
 
 from simcrop import factory
-from simcrop.checkpoint import CheckpointError, latest_checkpoint
+from simcrop.checkpoint import CheckpointError
 from simcrop.config import ConfigError, make_config
 from simcrop.data.errors import DataError
 from simcrop.eval import tasks
 from simcrop.eval.errors import EvalError
 from simcrop.eval.session import EvalSession
+from simcrop.experiments import downstream
 from simcrop.experiments.ablation import machine
-from simcrop.pretraining import Trainer, TrainingStopped
+from simcrop.experiments.pretrain_once import pretrain
+from simcrop.pretraining import TrainingStopped
 
 # E1's variants (docs/ablation.md): every one keeps L_MIM + L_MLM; they differ in the alignment term only
 E1_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -85,21 +86,6 @@ def run_config(variant: str, seed: int, args):
     if args.data:
         shared["data"] = args.data
     return make_config("testbed", **{**shared, **E1_VARIANTS[variant][1]})
-
-
-def pretrain(cfg, log) -> tuple[Path, float]:
-    run = Path(cfg.train.out)
-    timing = run.parent / "pretrain_seconds.json"
-    done = latest_checkpoint(run)
-    if done is not None and done.name == f"step_{cfg.train.steps:08d}" and timing.is_file():
-        return done, json.loads(timing.read_text())["seconds"]
-    if done is not None:
-        cfg.train.resume = "auto"
-    t0 = time.perf_counter()
-    Trainer(cfg, log=log).run()
-    seconds = time.perf_counter() - t0
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return latest_checkpoint(run), seconds
 
 
 def lung_and_region_weights(case, cfg, root: Path) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -265,6 +251,18 @@ def draw_chart(summary: dict, results: dict, path: Path) -> None:
 
 
 def run(args, log=print) -> dict:
+    """The experiments named in args.experiments: 'e1' (E1 + E2 on the testbed), 'e3' (downstream.run)."""
+    chosen = [e for e in args.experiments.split(",") if e]
+    if set(chosen) - {"e1", "e3"}:
+        raise EvalError(f"--experiments: unknown {', '.join(sorted(set(chosen) - {'e1', 'e3'}))} (known: e1, e3)")
+    summary = run_e1(args, log) if "e1" in chosen else {}
+    if "e3" in chosen:
+        args.command = "python -m simcrop.experiments.evidence " + shlex.join(getattr(args, "argv", []))
+        summary["e3"] = downstream.run(args, log)
+    return summary
+
+
+def run_e1(args, log=print) -> dict:
     unknown = [v for v in args.variants.split(",") if v not in E1_VARIANTS]
     if unknown:
         raise EvalError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(E1_VARIANTS)})")
@@ -291,7 +289,8 @@ def run(args, log=print) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m simcrop.experiments.evidence", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="docs/evidence", help="evidence.md / .json / .png")
+    p.add_argument("--experiments", default="e1,e3", help="comma list: e1 (E1 + E2, testbed), e3 (downstream)")
+    p.add_argument("--out", default="docs/evidence", help="evidence.md / .json / .png, e3.md / .json / .png")
     p.add_argument("--work", default="runs/evidence", help="runs and per-run results (resumable)")
     p.add_argument("--data", default="", help="testbed folder ('' = the built-in testbed in the cache)")
     p.add_argument("--cache-dir", default="", help="cache folder (default: $SIMCROP_CACHE)")
@@ -303,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int, default=0, help="held-out cases evaluated (0 = all)")
     p.add_argument("--figures", type=int, default=1, help="grounding pictures per run")
     p.add_argument("--device", default="auto", help="evaluation device")
+    downstream.add_arguments(p)
     return p
 
 
