@@ -34,14 +34,14 @@ from typing import Any, Callable
 import torch
 
 from simcrop import factory
-from simcrop.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from simcrop.checkpoint import latest_checkpoint, save_checkpoint
 from simcrop.config import Config, ConfigError, add_config_arguments, make_config
-from simcrop.data.errors import DataError
 from simcrop.eval import tasks
 from simcrop.eval.errors import EvalError
 from simcrop.eval.linear_probe import ProbeSettings
 from simcrop.eval.session import EvalSession
-from simcrop.pretraining import Trainer, TrainingStopped
+from simcrop.experiments.command_line import run_command
+from simcrop.pretraining import Trainer
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("none (random init)", {}),
@@ -425,15 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    try:
-        run_ablation(args, lambda *a, **k: print(*a, **k, flush=True))
-    except (EvalError, DataError, CheckpointError, ConfigError, TrainingStopped, FileNotFoundError) as exc:
-        print(f"simcrop.experiments.ablation: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("simcrop.experiments.ablation", build_parser(), run_ablation, argv)
 
 
 if __name__ == "__main__":

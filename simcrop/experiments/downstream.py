@@ -24,18 +24,16 @@ from typing import Any
 import numpy as np
 
 from simcrop import factory
-from simcrop.checkpoint import CheckpointError
-from simcrop.config import ConfigError, make_config
-from simcrop.data.errors import DataError
+from simcrop.config import make_config
 from simcrop.eval import tasks
 from simcrop.eval.errors import EvalError
 from simcrop.eval.linear_probe import ProbeSettings
 from simcrop.eval.session import EvalSession
 from simcrop.eval.supervised_reference import ReferenceSettings, detectable_classes
 from simcrop.experiments import hierarchical_bootstrap as hb
+from simcrop.experiments.command_line import run_command
 from simcrop.experiments.ablation import machine, write_random_checkpoint
 from simcrop.experiments.pretrain_once import pretrain
-from simcrop.pretraining import TrainingStopped
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("no pre-training (step-0 checkpoint of the seed)", {}),
@@ -280,7 +278,7 @@ def run(args, log=print) -> dict:
     variants = [v for v in args.e3_variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise EvalError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+        raise EvalError(f"--e3-variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     seeds = [int(s) for s in args.e3_seeds.split(",") if s.strip()]
     if len(seeds) < args.e3_min_seeds:
         raise EvalError(f"--e3-seeds: {len(seeds)} seed(s), fewer than --e3-min-seeds {args.e3_min_seeds}")
@@ -343,15 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    try:
-        run(args, lambda *a, **k: print(*a, **k, flush=True))
-    except (EvalError, DataError, CheckpointError, ConfigError, TrainingStopped, FileNotFoundError) as exc:
-        print(f"simcrop.experiments.downstream: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("simcrop.experiments.downstream", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

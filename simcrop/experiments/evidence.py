@@ -22,16 +22,14 @@ from typing import Any
 import numpy as np
 
 from simcrop import factory
-from simcrop.checkpoint import CheckpointError
-from simcrop.config import ConfigError, make_config
-from simcrop.data.errors import DataError
+from simcrop.config import make_config
 from simcrop.eval import tasks
 from simcrop.eval.errors import EvalError
 from simcrop.eval.session import EvalSession
 from simcrop.experiments import downstream
+from simcrop.experiments.command_line import run_command
 from simcrop.experiments.ablation import machine
 from simcrop.experiments.pretrain_once import pretrain
-from simcrop.pretraining import TrainingStopped
 
 # E1's variants (docs/ablation.md): every one keeps L_MIM + L_MLM; they differ in the alignment term only
 E1_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -307,15 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    try:
-        run(args, lambda *a, **k: print(*a, **k, flush=True))
-    except (EvalError, DataError, CheckpointError, ConfigError, TrainingStopped, FileNotFoundError) as exc:
-        print(f"simcrop.experiments.evidence: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("simcrop.experiments.evidence", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
