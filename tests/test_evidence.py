@@ -49,7 +49,7 @@ def test_driver_end_to_end_on_a_tiny_testbed(tmp_path, cache):
     data = write_dataset(tmp_path / "tb", n=10, seed=1, variant="testbed")
     out, work = tmp_path / "docs", tmp_path / "work"
     argv = ["--out", str(out), "--work", str(work), "--data", str(data), "--cache-dir", str(cache),
-            "--experiments", "e1", "--variants", "soft", "--seeds", "0,1", "--steps", "2", "--no-compile", "--figures", "0"]
+            "--experiments", "e1", "--variants", "soft", "--seeds", "0,1", "--steps", "2", "--no-compile", "--figures", "1"]
     assert E.main(argv) == 0
     res = json.loads((out / "evidence.json").read_text())
     assert set(res["summary"]) == {"soft"} and res["summary"]["soft"]["seeds"] == 2
@@ -59,6 +59,7 @@ def test_driver_end_to_end_on_a_tiny_testbed(tmp_path, cache):
     cfg = json.loads((work / "e1" / "soft" / "seed0" / "run" / "config.json").read_text())
     assert cfg["model"]["align_within"] is False and cfg["model"]["w_align_soft"] == 1.0
     assert "| soft |" in (out / "evidence.md").read_text() and (out / "evidence.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "grounding_soft.png").read_bytes()[:4] == b"\x89PNG"  # one grounding picture per variant
     stamp = (work / "e1" / "soft" / "seed0" / "run" / "evidence.json").stat().st_mtime_ns
     assert E.main(argv) == 0  # resumable: nothing is redone
     assert (work / "e1" / "soft" / "seed0" / "run" / "evidence.json").stat().st_mtime_ns == stamp

@@ -143,6 +143,34 @@ def evaluate(ckpt: Path, args, log) -> dict:
     return res
 
 
+def variant_pictures(results: dict, args, out: Path, log) -> dict[str, str]:
+    """One grounding picture per variant, all of the same held-out case (of the first 32, the first with the most
+    lesion sentences) and the same seed (the lowest run): the lesion sentences' maps, <out>/grounding_<variant>.png."""
+    from simcrop.eval.data import read_grounding_cases
+    from simcrop.eval.grounding import draw_case, evaluate_case
+
+    drawn, case = {}, None
+    for v, runs in results.items():
+        seed = min(runs)
+        ckpt = Path(args.work) / "e1" / v / f"seed{seed}" / "run"
+        s = EvalSession(ckpt, data=args.data, out=str(out), device=args.device, cache_dir=args.cache_dir, log=log)
+        if case is None:
+            cases = read_grounding_cases(s.root, "valid", None, 32)
+            n_lesion = [sum(x.finding != "normal" for x in c.sentences) for c in cases]
+            if not cases or max(n_lesion) == 0:
+                return drawn
+            case = cases[int(np.argmax(n_lesion))]
+        cfg = s.model.cfg
+        records, volume, details = evaluate_case(s.model, s.text, case, s.device, cfg.topk)
+        kept = [r for r in records if "skipped" not in r]  # details[i] belongs to kept[i]
+        lesion = [d for d, r in zip(details, kept) if r["group"] == "lesion"]
+        path = out / f"grounding_{v}.png"
+        draw_case(path, volume, lesion or details, cfg, f"{v} (seed {seed}): {case.item.name}, cos(s_j, v_i), "
+                  f"top-{cfg.topk} patches", case.item.spacing, max_rows=3)
+        drawn[v] = str(path)
+    return drawn
+
+
 # -- decisions -------------------------------------------------------------------------------------------------------
 def e1_decision(per_seed: list[dict]) -> str:
     """docs/ablation.md: grounds when hit >= 2 x chance in >= 4 of 5 seeds (>= 80 %), fails when in <= 1 of 5
@@ -207,7 +235,8 @@ def write_report(summary: dict, results: dict, settings: dict, out: Path) -> Non
         md_table(header, body),
         "Per seed:",
         md_table(["variant", "seed", "hit", "chance", "voxel AUROC", "probe ceiling", "lesion sentences"], per_seed),
-    ])
+        "![E1 and E2 per seed](evidence.png)",
+    ] + [f"![grounding of {v}]({Path(p).name})" for v, p in settings.get("pictures", {}).items()])
     (out / "evidence.md").write_text(md + "\n")
     draw_chart(summary, results, out / "evidence.png")
 
@@ -279,6 +308,8 @@ def run_e1(args, log=print) -> dict:
                 "total_s": time.perf_counter() - t0,
                 "data": str(factory.data_root(make_config("testbed", cache_dir=args.cache_dir), args.data or None))}
     summary = summarize(results)
+    if args.figures:
+        settings["pictures"] = variant_pictures(results, args, Path(args.out), log)
     write_report(summary, results, settings, Path(args.out))
     log(f"wrote {Path(args.out) / 'evidence.md'}, .json, .png")
     return summary
