@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test bench ablation clean
+.PHONY: install train test bench ablation evidence clean
 
 CSRC   := $(wildcard csrc/*.cpp csrc/cpu/* csrc/cuda/* csrc/include/simcrop/*)
 
@@ -39,6 +39,10 @@ bench: install
 # the ablation table of docs/ablation.md (random / MIM / MIM+MLM / full, each evaluated); resumable, ~45 min on 2 cores
 ablation: install
 	$(PY) -m simcrop.experiments.ablation --out docs/ablation --work runs/ablation --steps 300 --text-encoder minilm $(ARGS)
+
+# the pre-registered E1 + E2 (testbed) and E3 (downstream, powered) of docs/ablation.md; resumable
+evidence: install
+	$(PY) -m simcrop.experiments.evidence --out docs/evidence --work runs/evidence $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
