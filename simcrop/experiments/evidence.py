@@ -230,7 +230,8 @@ def write_report(summary: dict, results: dict, settings: dict, out: Path) -> Non
     md = "\n\n".join([
         "# Evidence: E1 (identifiability) and E2 (voxel-level grounding) on the grounding testbed",
         f"Command: `{settings['command']}`",
-        f"Machine: {settings['machine']}. Recorded time of this invocation: {settings['total_s']:.0f} s.",
+        f"Machine: {settings['machine']}. Recorded time of this invocation: {settings['total_s']:.0f} s (runs "
+        "already done are reused, not re-timed; each run's pre-training seconds are in the table).",
         "Pre-registered predictions and decision rules: docs/ablation.md (committed before these runs).",
         md_table(header, body),
         "Per seed:",
