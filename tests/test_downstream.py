@@ -79,8 +79,10 @@ def test_driver_end_to_end_on_a_tiny_dataset(tmp_path, cache):
     (cmp,) = [c for c in res["comparisons"] if c["metric"] == "probe_10"]
     assert cmp["comparison"] == "mim - random" and cmp["ci"][0] <= cmp["ci"][1]
     assert cmp["decision"] in ("gain", "loss", "equivalence", "inconclusive")
-    for v in ("random", "mim"):
-        assert len(res["per_variant"][v]["dice"]["per_seed"]) == 2
+    for v in ("random", "mim"):  # UNETR only for --e3-seg-seeds (default 0)
+        assert len(res["per_variant"][v]["dice"]["per_seed"]) == 1
+        assert len(res["per_variant"][v]["probe_100"]["per_seed"]) == 2
+    assert res["dice_seeds"] == [0] and not (work / "e3" / "mim" / "seed1" / "eval" / "segment.json").exists()
     cfg = json.loads((work / "e3" / "mim" / "seed1" / "run" / "config.json").read_text())
     assert cfg["model"]["use_mlm"] is False and cfg["train"]["seed"] == 1
     md = (out / "e3.md").read_text()

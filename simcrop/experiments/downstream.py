@@ -71,6 +71,11 @@ def probe_settings(args) -> ProbeSettings:
     return ProbeSettings(fractions=(0.1, 1.0), repeats=args.e3_label_draws, epochs=args.e3_probe_epochs, keep_scores=True)
 
 
+def seg_seeds(args) -> list[int]:
+    """The pre-training seeds whose encoders get a UNETR (docs/ablation.md: seed 0 only, a budget deviation)."""
+    return [int(v) for v in args.e3_seg_seeds.split(",") if v.strip()]
+
+
 def seg_options(args) -> tasks.SegmentOptions:
     return tasks.SegmentOptions(target="lesions", steps=args.e3_seg_steps, lr=1e-3, feature_size=16, seed=0)
 
@@ -87,8 +92,10 @@ def one_run(variant: str, seed: int, root: Path, args, log) -> dict:
     out = run_dir(args, variant, seed) / "eval"
     results: dict[str, Any] = {"pretrain_s": seconds}
     session = None
-    for task, file, go in (("probe", "linear-probe.json", lambda s: tasks.run_linear_probe(s, probe_settings(args))),
-                           ("segment", "segment.json", lambda s: tasks.run_segment(s, seg_options(args)))):
+    jobs = [("probe", "linear-probe.json", lambda s: tasks.run_linear_probe(s, probe_settings(args)))]
+    if seed in seg_seeds(args):
+        jobs.append(("segment", "segment.json", lambda s: tasks.run_segment(s, seg_options(args))))
+    for task, file, go in jobs:
         path = out / file
         timing = out / f"{task}_seconds.json"
         if path.is_file() and timing.is_file():
@@ -119,8 +126,9 @@ def reference(root: Path, args, log) -> dict:
 
 
 # -- analysis --------------------------------------------------------------------------------------------------------
-def arrays(runs: dict, seeds: list[int]) -> dict:
-    """Per variant: probe_10 [S, D, N, C], probe_100 [S, 1, N, C] test probabilities, dice [S, N, C']; labels [N, C]."""
+def arrays(runs: dict, seeds: list[int], dice_seeds: list[int]) -> dict:
+    """Per variant: probe_10 [S, D, N, C], probe_100 [S, 1, N, C] test probabilities, dice [S', N', C'] (the
+    dice_seeds only); labels [N, C]."""
     out: dict[str, Any] = {}
     for v, by_seed in runs.items():
         p10, p100, dice = [], [], []
@@ -129,7 +137,8 @@ def arrays(runs: dict, seeds: list[int]) -> dict:
             fr = r["probe"]["fractions"]
             p10.append([run["test_scores"] for run in fr["0.1"]["runs"]])
             p100.append([run["test_scores"] for run in fr["1"]["runs"]])
-            dice.append(r["segment"]["dice_per_case"])
+            if seed in dice_seeds:
+                dice.append(r["segment"]["dice_per_case"])
             out["labels"] = np.asarray(r["probe"]["test_labels"], np.float32)
             out["classes"] = r["probe"]["classes"]
         to_nan = lambda a: np.asarray([[[np.nan if x is None else x for x in row] for row in case] for case in a],
@@ -139,8 +148,12 @@ def arrays(runs: dict, seeds: list[int]) -> dict:
     return out
 
 
-def analyse(runs: dict, seeds: list[int], detect: list[str], n_resamples: int = hb.N_RESAMPLES) -> dict:
-    a = arrays(runs, seeds)
+def analyse(runs: dict, seeds: list[int], detect: list[str], dice_seeds: list[int],
+            n_resamples: int = hb.N_RESAMPLES) -> dict:
+    dice_seeds = [s for s in seeds if s in dice_seeds]
+    if not dice_seeds:
+        raise EvalError("E3: no finished seed has UNETR results (--e3-seg-seeds)")
+    a = arrays(runs, seeds, dice_seeds)
     classes = [a["classes"].index(c) for c in detect]
     if not classes:
         raise EvalError("E3: the supervised reference detects no class; the probe's macro AUROC over the "
@@ -149,7 +162,8 @@ def analyse(runs: dict, seeds: list[int], detect: list[str], n_resamples: int = 
     plan = hb.make_plan(S, N, D, n_resamples)
     plan_one = hb.Plan(plan.seeds, plan.counts, np.zeros(plan.seeds.shape + (1,), np.int64))
     n_seg = next(v for k, v in a.items() if k in VARIANTS)["dice"].shape[1]
-    plan_seg = plan if n_seg == N else hb.make_plan(S, n_seg, 1, n_resamples, seed=1)
+    plan_seg = plan if (n_seg, len(dice_seeds)) == (N, S) else hb.make_plan(len(dice_seeds), n_seg, 1, n_resamples,
+                                                                          seed=1)
 
     def stat(v: str, metric: str, resampled: bool) -> np.ndarray:
         x = a[v][metric]
@@ -177,7 +191,7 @@ def analyse(runs: dict, seeds: list[int], detect: list[str], n_resamples: int = 
             comparisons.append({"comparison": f"{later} - {earlier}", "metric": m, "difference": point,
                                 "ci": (lo, hi), "decision": hb.decide(lo, hi),
                                 "within_margin": bool(-hb.MARGIN <= lo and hi <= hb.MARGIN)})
-    return {"seeds": seeds, "n_test": int(N), "n_seg_test": int(n_seg), "label_draws": int(D),
+    return {"seeds": seeds, "dice_seeds": dice_seeds, "n_test": int(N), "n_seg_test": int(n_seg), "label_draws": int(D),
             "classes": a["classes"], "detectable": detect, "n_resamples": n_resamples,
             "per_variant": per_variant, "comparisons": comparisons}
 
@@ -207,7 +221,8 @@ def write_report(res: dict, reference_res: dict, settings: dict, runs: dict, out
     cmp_rows = [[c["comparison"], METRICS[c["metric"]], f"{c['difference']:+.4f}", ci(c["ci"]), c["decision"]
                  + (" (CI also within +-0.02)" if c["within_margin"] and c["decision"] in ("gain", "loss") else "")]
                 for c in res["comparisons"]]
-    time_rows = [[v, seed, f"{r['pretrain_s']:.0f}", f"{r['probe_s']:.0f}", f"{r['segment_s']:.0f}"]
+    time_rows = [[v, seed, f"{r['pretrain_s']:.0f}", f"{r['probe_s']:.0f}",
+                  f"{r['segment_s']:.0f}" if "segment_s" in r else "-"]
                  for v, by_seed in runs.items() for seed, r in sorted(by_seed.items())]
     md = "\n\n".join([
         "# E3: the downstream ablation, powered (realistic synthetic phantoms)",
@@ -216,7 +231,8 @@ def write_report(res: dict, reference_res: dict, settings: dict, runs: dict, out
         f"pre-training + evaluation seconds of all runs: {settings['runs_s']:.0f} s.",
         f"Pre-training seeds {', '.join(map(str, res['seeds']))} ({len(res['seeds'])} per variant); "
         f"{res['n_test']} shared test cases; linear probe at 10 % labels ({res['label_draws']} draws) and 100 %; "
-        f"UNETR on {res['n_seg_test']} test volumes; paired hierarchical bootstrap, {res['n_resamples']:,} "
+        f"UNETR on {res['n_seg_test']} test volumes for seed(s) {', '.join(map(str, res['dice_seeds']))}; paired "
+        f"hierarchical bootstrap, {res['n_resamples']:,} "
         "resamples (seeds -> cases -> label draws). Rules: docs/ablation.md (committed before these runs).",
         "## Supervised reference (which classes are detectable at all)",
         f"{reference_res['n_train']} training / {reference_res['n_val']} validation volumes of the train split, "
@@ -295,13 +311,14 @@ def run(args, log=print) -> dict:
         for v in variants:
             runs[v][seed] = one_run(v, seed, root, args, log)
         done.append(seed)
-    res = analyse(runs, done, ref["detectable"])
+    res = analyse(runs, done, ref["detectable"], seg_seeds(args))
     command = getattr(args, "command", "") or "python -m simcrop.experiments.downstream " + shlex.join(
         getattr(args, "argv", []))
     settings = {"command": command,
                 "machine": machine(), "steps": args.e3_steps, "text_encoder": args.e3_text_encoder, "data": str(root),
                 "seeds_asked": seeds, "seeds_done": done, "total_s": time.perf_counter() - t0,
-                "runs_s": sum(r["pretrain_s"] + r["probe_s"] + r["segment_s"] for b in runs.values() for r in b.values())}
+                "runs_s": sum(r["pretrain_s"] + r["probe_s"] + r.get("segment_s", 0.0) for b in runs.values()
+                              for r in b.values())}
     write_report(res, ref, settings, {v: {s: r for s, r in b.items() if s in done} for v, b in runs.items()},
                  Path(args.out))
     log(f"wrote {Path(args.out) / 'e3.md'}, .json, .png")
@@ -319,6 +336,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e3-text-encoder", dest="e3_text_encoder", default="minilm", help="E3: frozen text tower")
     p.add_argument("--e3-label-draws", dest="e3_label_draws", type=int, default=5, help="E3: draws at 10 %% labels")
     p.add_argument("--e3-seg-steps", dest="e3_seg_steps", type=int, default=300, help="E3: UNETR training steps")
+    p.add_argument("--e3-seg-seeds", dest="e3_seg_seeds", default="0",
+                   help="E3: pre-training seeds that get a UNETR (docs/ablation.md: seed 0 only, by the budget)")
     p.add_argument("--e3-probe-epochs", dest="e3_probe_epochs", type=int, default=200, help="E3: linear probe epochs")
     p.add_argument("--e3-reference-epochs", dest="e3_reference_epochs", type=int, default=12,
                    help="E3: supervised reference CNN epochs")
