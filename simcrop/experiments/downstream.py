@@ -76,6 +76,11 @@ def seg_seeds(args) -> list[int]:
     return [int(v) for v in args.e3_seg_seeds.split(",") if v.strip()]
 
 
+def seg_variants(args) -> list[str]:
+    """The variants that get a UNETR (docs/ablation.md: random and mim only, a second budget deviation)."""
+    return [v for v in args.e3_seg_variants.split(",") if v.strip()]
+
+
 def seg_options(args) -> tasks.SegmentOptions:
     return tasks.SegmentOptions(target="lesions", steps=args.e3_seg_steps, lr=1e-3, feature_size=16, seed=0)
 
@@ -93,7 +98,7 @@ def one_run(variant: str, seed: int, root: Path, args, log) -> dict:
     results: dict[str, Any] = {"pretrain_s": seconds}
     session = None
     jobs = [("probe", "linear-probe.json", lambda s: tasks.run_linear_probe(s, probe_settings(args)))]
-    if seed in seg_seeds(args):
+    if seed in seg_seeds(args) and variant in seg_variants(args):
         jobs.append(("segment", "segment.json", lambda s: tasks.run_segment(s, seg_options(args))))
     for task, file, go in jobs:
         path = out / file
@@ -137,14 +142,14 @@ def arrays(runs: dict, seeds: list[int], dice_seeds: list[int]) -> dict:
             fr = r["probe"]["fractions"]
             p10.append([run["test_scores"] for run in fr["0.1"]["runs"]])
             p100.append([run["test_scores"] for run in fr["1"]["runs"]])
-            if seed in dice_seeds:
+            if seed in dice_seeds and "segment" in r:
                 dice.append(r["segment"]["dice_per_case"])
             out["labels"] = np.asarray(r["probe"]["test_labels"], np.float32)
             out["classes"] = r["probe"]["classes"]
         to_nan = lambda a: np.asarray([[[np.nan if x is None else x for x in row] for row in case] for case in a],
                                       np.float64)
         out[v] = {"probe_10": np.asarray(p10, np.float32), "probe_100": np.asarray(p100, np.float32),
-                  "dice": to_nan(dice)}
+                  "dice": to_nan(dice) if len(dice) == len(dice_seeds) else None}  # None: no UNETR (budget)
     return out
 
 
@@ -161,7 +166,10 @@ def analyse(runs: dict, seeds: list[int], detect: list[str], dice_seeds: list[in
     S, D, N, _ = next(v for k, v in a.items() if k in VARIANTS)["probe_10"].shape
     plan = hb.make_plan(S, N, D, n_resamples)
     plan_one = hb.Plan(plan.seeds, plan.counts, np.zeros(plan.seeds.shape + (1,), np.int64))
-    n_seg = next(v for k, v in a.items() if k in VARIANTS)["dice"].shape[1]
+    with_dice = [k for k in VARIANTS if k in a and a[k]["dice"] is not None]
+    if not with_dice:
+        raise EvalError("E3: no variant has UNETR results for the seeds of --e3-seg-seeds")
+    n_seg = a[with_dice[0]]["dice"].shape[1]
     plan_seg = plan if (n_seg, len(dice_seeds)) == (N, S) else hb.make_plan(len(dice_seeds), n_seg, 1, n_resamples,
                                                                           seed=1)
 
@@ -177,6 +185,8 @@ def analyse(runs: dict, seeds: list[int], detect: list[str], dice_seeds: list[in
     for v in variants:
         per_variant[v] = {}
         for m in METRICS:
+            if a[v][m] is None:  # no UNETR for this variant
+                continue
             draws[v, m] = stat(v, m, True)
             per_variant[v][m] = {"mean": float(stat(v, m, False)[0]), "ci": hb.interval(draws[v, m]),
                                  "per_seed": per_seed_points(a[v][m], a["labels"], classes, m)}
@@ -185,6 +195,11 @@ def analyse(runs: dict, seeds: list[int], detect: list[str], dice_seeds: list[in
         if later not in runs or earlier not in runs:
             continue
         for m in METRICS:
+            if (later, m) not in draws or (earlier, m) not in draws:
+                comparisons.append({"comparison": f"{later} - {earlier}", "metric": m, "difference": float("nan"),
+                                    "ci": (float("nan"), float("nan")), "decision": "not run (no UNETR, budget)",
+                                    "within_margin": False})
+                continue
             diff = draws[later, m] - draws[earlier, m]
             point = per_variant[later][m]["mean"] - per_variant[earlier][m]["mean"]
             lo, hi = hb.interval(diff)
@@ -215,10 +230,13 @@ def write_report(res: dict, reference_res: dict, settings: dict, runs: dict, out
 
     ref_rows = [[c, fmt(a), "yes" if c in reference_res["detectable"] else "no"]
                 for c, a in zip(reference_res["classes"], reference_res["val_auroc_per_class"])]
-    var_rows = [[v, VARIANTS[v][0]] + [f"{fmt(r[m]['mean'])} {ci(r[m]['ci'])}" for m in METRICS]
-                + ["/".join(f"{x:.3f}" for x in r["probe_100"]["per_seed"]), "/".join(f"{x:.3f}" for x in r["dice"]["per_seed"])]
+    var_rows = [[v, VARIANTS[v][0]] + [f"{fmt(r[m]['mean'])} {ci(r[m]['ci'])}" if m in r else "not run"
+                                       for m in METRICS]
+                + ["/".join(f"{x:.3f}" for x in r["probe_100"]["per_seed"]),
+                   "/".join(f"{x:.3f}" for x in r["dice"]["per_seed"]) if "dice" in r else "not run"]
                 for v, r in res["per_variant"].items()]
-    cmp_rows = [[c["comparison"], METRICS[c["metric"]], f"{c['difference']:+.4f}", ci(c["ci"]), c["decision"]
+    cmp_rows = [[c["comparison"], METRICS[c["metric"]], f"{c['difference']:+.4f}" if np.isfinite(c["difference"])
+                 else "-", ci(c["ci"]) if np.isfinite(c["difference"]) else "-", c["decision"]
                  + (" (CI also within +-0.02)" if c["within_margin"] and c["decision"] in ("gain", "loss") else "")]
                 for c in res["comparisons"]]
     time_rows = [[v, seed, f"{r['pretrain_s']:.0f}", f"{r['probe_s']:.0f}",
@@ -262,6 +280,8 @@ def draw_chart(res: dict, path: Path) -> None:
     names = list(res["per_variant"])
     for k, m in enumerate(METRICS):
         for i, v in enumerate(names):
+            if m not in res["per_variant"][v]:
+                continue
             r = res["per_variant"][v][m]
             x = i + (k - 1) * 0.25
             ax.scatter([x] * len(r["per_seed"]), r["per_seed"], s=10, color=f"C{k}", alpha=0.5)
@@ -273,7 +293,7 @@ def draw_chart(res: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="best")
     ax.grid(axis="y", alpha=0.3)
     ax = axes[1]
-    rows = res["comparisons"]
+    rows = [c for c in res["comparisons"] if np.isfinite(c["difference"])]
     for j, c in enumerate(rows):
         k = list(METRICS).index(c["metric"])
         ax.errorbar([c["difference"]], [j], xerr=[[c["difference"] - c["ci"][0]], [c["ci"][1] - c["difference"]]],
@@ -336,6 +356,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e3-text-encoder", dest="e3_text_encoder", default="minilm", help="E3: frozen text tower")
     p.add_argument("--e3-label-draws", dest="e3_label_draws", type=int, default=5, help="E3: draws at 10 %% labels")
     p.add_argument("--e3-seg-steps", dest="e3_seg_steps", type=int, default=300, help="E3: UNETR training steps")
+    p.add_argument("--e3-seg-variants", dest="e3_seg_variants", default="random,mim",
+                   help="E3: variants that get a UNETR (docs/ablation.md: random and mim only, by the budget)")
     p.add_argument("--e3-seg-seeds", dest="e3_seg_seeds", default="0",
                    help="E3: pre-training seeds that get a UNETR (docs/ablation.md: seed 0 only, by the budget)")
     p.add_argument("--e3-probe-epochs", dest="e3_probe_epochs", type=int, default=200, help="E3: linear probe epochs")
